@@ -1,0 +1,110 @@
+"""The one place where lorakit's errors live.
+
+Every error names the file, the key and the problem, and where possible the fix. The CLI turns a
+``LorakitError`` into one line (``lorakit: error: ...``); ``LORAKIT_DEBUG=1`` shows the traceback.
+
+Example:
+    >>> from lorakit.errors import ShapeMismatchError
+    >>> str(ShapeMismatchError("lora_A is (8, 768) but lora_B is (768, 4)", path="a.safetensors",
+    ...                        key="layer.0.q"))
+    "a.safetensors: key 'layer.0.q': lora_A is (8, 768) but lora_B is (768, 4)"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LorakitError(Exception):
+    """Base class: a problem with a user's input, option or output that lorakit reports cleanly.
+
+    Fields are structured so callers (batch reports, JSON output) can use them without parsing.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        path: str | Path | None = None,
+        key: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.path = str(path) if path is not None else None
+        self.key = key
+        self.hint = hint
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        parts = []
+        if self.path:
+            parts.append(self.path)
+        if self.key:
+            parts.append(f"key {self.key!r}")
+        parts.append(self.problem)
+        text = ": ".join(parts)
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, str | None]:
+        """Machine-readable form used by ``--json`` and batch reports."""
+        return {
+            "error": type(self).__name__,
+            "path": self.path,
+            "key": self.key,
+            "problem": self.problem,
+            "hint": self.hint,
+        }
+
+
+class InputNotFoundError(LorakitError):
+    """A path that does not exist, or a folder/file that holds nothing usable."""
+
+
+class LfsPointerError(LorakitError):
+    """A Git LFS pointer file where the real weights were expected."""
+
+
+class CorruptFileError(LorakitError):
+    """A truncated, malformed or otherwise unreadable weights or config file."""
+
+
+class ConfigMismatchError(LorakitError):
+    """The adapter config and the weights disagree (rank, targets, missing tensors)."""
+
+
+class ShapeMismatchError(LorakitError):
+    """Factor shapes that cannot form a LoRA update (A/B ranks differ, wrong ndim)."""
+
+
+class NonFiniteError(LorakitError):
+    """A tensor holds NaN or Inf."""
+
+
+class UnknownLayoutError(LorakitError):
+    """Keys that match no adapter layout lorakit knows (or that would be silently misread)."""
+
+
+class UnsupportedVariantError(LorakitError):
+    """A known adapter variant that this operation cannot honour (LoHa, LoKr, DoRA in a merge, ...)."""
+
+
+class OutputExistsError(LorakitError):
+    """The output exists and ``--force`` was not given."""
+
+
+class OptionError(LorakitError):
+    """Invalid or conflicting options."""
+
+
+class IncompatibleAdaptersError(LorakitError):
+    """Adapters that cannot be combined (different shapes for the same module, different extras)."""
+
+
+class MissingDependencyError(LorakitError):
+    """An optional extra (transformers, peft, ray) is needed and not installed."""

@@ -1,0 +1,108 @@
+"""Helpers shared by the format modules: grouping tensors into LoRA pairs, alphas, dtypes.
+
+Example:
+    >>> import torch
+    >>> parts = {"q": {"down": torch.ones(2, 3), "up": torch.ones(4, 2)}}
+    >>> mods = build_modules(parts, alphas={}, path="x.safetensors")
+    >>> mods["q"].alpha   # no alpha stored: alpha = r
+    2.0
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from lorakit.adapter import LoraModule, ModuleKind
+from lorakit.errors import ConfigMismatchError, CorruptFileError, UnsupportedVariantError
+
+# Key fragments of adapter variants that are not plain LoRA: refused by name, never misread.
+VARIANT_MARKERS: tuple[tuple[str, str], ...] = (
+    ("hada_w1", "LoHa (hada_* tensors)"),
+    ("hada_t1", "LoHa (hada_* tensors)"),
+    ("lokr_w1", "LoKr (lokr_* tensors)"),
+    ("lokr_t1", "LoKr (lokr_* tensors)"),
+    ("oft_blocks", "OFT (oft_blocks tensors)"),
+    ("oft_r", "OFT (oft_r tensors)"),
+    ("boft_", "BOFT"),
+    ("lora_mid", "LoCon/Tucker (lora_mid tensors)"),
+    ("ia3_l", "IA3"),
+    ("vera_lambda", "VeRA"),
+    (".diff_b", "full bias diff (LyCORIS diff_b)"),
+    (".w_norm", "LyCORIS norm weights (w_norm)"),
+    (".b_norm", "LyCORIS norm biases (b_norm)"),
+    ("lora_embedding_A.weight_scale", "quantised LoRA"),
+)
+
+
+def check_variants(keys: list[str], path: Path | str) -> None:
+    """Raise UnsupportedVariantError if any key belongs to a non-LoRA adapter variant."""
+    for k in keys:
+        for marker, name in VARIANT_MARKERS:
+            if marker in k:
+                raise UnsupportedVariantError(
+                    f"{name} is not a LoRA; lorakit reads LoRA, DoRA and AdaLoRA only",
+                    path=path, key=k)
+
+
+def build_modules(parts: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float],
+                  path: Path | str, *, rslora: bool = False) -> dict[str, LoraModule]:
+    """Turn ``{key: {"down", "up", ["magnitude"], ["bias"], ["embedding"]}}`` into modules.
+
+    A module with only one factor is an error naming the missing one. ``alphas`` maps keys to
+    alpha; a missing alpha means ``alpha = r`` (kohya and diffusers convention).
+    """
+    modules: dict[str, LoraModule] = {}
+    for key, p in parts.items():
+        if "down" not in p or "up" not in p:
+            missing = "lora_A/lora_down" if "down" not in p else "lora_B/lora_up"
+            raise ConfigMismatchError(f"{missing} tensor is missing for this module", path=path,
+                                      key=key)
+        down, up = p["down"], p["up"]
+        if not (down.is_floating_point() and up.is_floating_point()):
+            raise CorruptFileError(f"LoRA factors must be floating point, got {down.dtype}",
+                                   path=path, key=key)
+        kind = ModuleKind.LINEAR
+        if "embedding" in p:
+            kind = ModuleKind.EMBEDDING
+        elif down.ndim == 4:
+            kind = ModuleKind.CONV
+        r = int(down.shape[0]) if down.ndim >= 1 else 0
+        alpha = alphas.get(key)
+        mod = LoraModule(down=down, up=up, alpha=float(r if alpha is None else alpha),
+                         rslora=rslora, magnitude=p.get("magnitude"), bias=p.get("bias"),
+                         kind=kind)
+        mod.validate(key, str(path))
+        modules[key] = mod
+    return modules
+
+
+def scalar_value(t: torch.Tensor, key: str, path: Path | str) -> float:
+    """Read a one-element tensor (kohya ``.alpha``) as a float, with a named error otherwise."""
+    if t.numel() != 1:
+        raise CorruptFileError(f"alpha must hold one value, got shape {tuple(t.shape)}",
+                               path=path, key=key)
+    v = float(t.reshape(()).to(torch.float64).item())
+    if v != v or v in (float("inf"), float("-inf")):
+        from lorakit.errors import NonFiniteError
+
+        raise NonFiniteError(f"alpha is {v}", path=path, key=key)
+    return v
+
+
+def common_value(values: list, default=None):
+    """The most common value (first seen on ties)."""
+    if not values:
+        return default
+    return Counter(values).most_common(1)[0][0]
+
+
+def number(x: float) -> int | float:
+    """JSON-friendly number: ints stay ints."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype)

@@ -1,0 +1,240 @@
+"""diffusers LoRA files (``pytorch_lora_weights.safetensors`` and friends).
+
+Layouts read (module keys come out as ``<component>.<path>``):
+
+* ``diffusers``: ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (also ``text_encoder.``,
+  ``text_encoder_2.``, ``transformer.`` prefixes, or no prefix at all for model-level saves).
+* ``diffusers_lora_down_up``: ``unet.<path>.lora.down.weight`` / ``lora.up.weight`` and the text
+  encoder's ``<path>.lora_linear_layer.down.weight``.
+* ``diffusers_legacy_processor``: attention processors,
+  ``<block>.attn1.processor.to_q_lora.down.weight`` (no component prefix; the UNet is implied;
+  ``to_out_lora`` is ``to_out.0``).
+
+Alphas: ``<path>.alpha`` tensors, else the ``lora_adapter_metadata`` JSON that diffusers writes
+(``{"unet.r": .., "unet.lora_alpha": .., "unet.alpha_pattern": {..}}`` or unprefixed), else
+``alpha = r`` (scale 1), which is what diffusers assumes.
+
+Writing uses the current layout (``lora_A``/``lora_B`` under component prefixes) and stores every
+component's ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and ``use_rslora`` in
+``lora_adapter_metadata``, as diffusers' own ``save_lora_weights`` does, so scales survive exactly.
+
+Example:
+    >>> from lorakit.formats.diffusers import module_key_for   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.adapter import Adapter
+from lorakit.errors import ConfigMismatchError, CorruptFileError, UnknownLayoutError
+from lorakit.formats.common import (
+    build_modules,
+    cast,
+    check_variants,
+    common_value,
+    number,
+    scalar_value,
+)
+from lorakit.io import write_safetensors
+from lorakit.naming import COMPONENTS, split_component
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+
+_LEGACY = re.compile(r"^(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out|add_q_proj|add_k_proj"
+                     r"|add_v_proj|to_add_out)_lora\.(?P<role>down|up)\.weight$")
+_DOWN_UP = re.compile(r"^(?P<mod>.+)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight$")
+_PEFT = re.compile(r"^(?P<mod>.+)\.lora_(?P<role>A|B)\.weight$")
+_ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
+_MAG = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.weight)?$")
+_BIAS = re.compile(r"^(?P<mod>.+)\.lora_B\.bias$")
+
+
+def classify(keys: list[str]) -> str | None:
+    """Which diffusers layout these keys use, or None."""
+    if any(_LEGACY.match(k) for k in keys):
+        return "diffusers_legacy_processor"
+    if any(_DOWN_UP.match(k) for k in keys):
+        return "diffusers_lora_down_up"
+    if any(_PEFT.match(k) for k in keys) and not any(k.startswith("base_model.model.")
+                                                      for k in keys):
+        return "diffusers"
+    return None
+
+
+def _legacy_key(m: re.Match) -> str:
+    proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+    mod = m["mod"]
+    comp, _ = split_component(mod)
+    return f"{mod}.{proj}" if comp else f"unet.{mod}.{proj}"
+
+
+def _parse(tensors: dict[str, torch.Tensor], layout: str, path: Path):
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    alpha_t: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        m = None
+        if m := _LEGACY.match(k):
+            key, role = _legacy_key(m), m["role"]
+        elif m := _DOWN_UP.match(k):
+            key, role = m["mod"], m["role"]
+        elif m := _PEFT.match(k):
+            key, role = m["mod"], "down" if m["role"] == "A" else "up"
+        elif m := _BIAS.match(k):
+            key, role = m["mod"], "bias"
+        elif m := _MAG.match(k):
+            key, role = m["mod"], "magnitude"
+        elif m := _ALPHA.match(k):
+            alpha_t[m["mod"]] = t
+            continue
+        else:
+            raise UnknownLayoutError(f"key does not fit the {layout} layout", path=path, key=k)
+        slot = parts.setdefault(key, {})
+        if role in slot:
+            raise ConfigMismatchError(f"two tensors give this module's {role}", path=path, key=k)
+        slot[role] = t
+    return parts, alpha_t
+
+
+def _has_components(meta: dict[str, str], keys: list[str]) -> bool:
+    """Whether the first key segment is a pipeline component (lorakit records it in metadata)."""
+    recorded = meta.get("lorakit.components")
+    if recorded is not None:
+        try:
+            return bool(json.loads(recorded))
+        except json.JSONDecodeError:
+            pass
+    return any(split_component(k)[0] for k in keys)
+
+
+def _metadata_alphas(meta: dict[str, str], keys: list[str], path: Path,
+                     prefixed: bool) -> dict[str, float]:
+    raw = meta.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{METADATA_KEY} metadata is not valid JSON ({e})", path=path,
+                               key=METADATA_KEY) from e
+    if not isinstance(cfg, dict):
+        raise CorruptFileError(f"{METADATA_KEY} metadata is not a JSON object", path=path,
+                               key=METADATA_KEY)
+    from lorakit.formats.peft import pattern_value
+
+    out: dict[str, float] = {}
+    for key in keys:
+        comp, rest = split_component(key) if prefixed else (None, key)
+        pre = f"{comp}." if comp and f"{comp}.lora_alpha" in cfg else ""
+        sub = rest if pre else key
+        alpha = cfg.get(f"{pre}lora_alpha")
+        if alpha is None:
+            continue
+        pattern = cfg.get(f"{pre}alpha_pattern") or {}
+        val = pattern_value(pattern, sub, alpha, path=path, field=f"{pre}alpha_pattern")
+        if not isinstance(val, (int, float)):
+            raise CorruptFileError(f"alpha {val!r} is not a number", path=path, key=key)
+        out[key] = float(val)
+    return out
+
+
+def _metadata_rslora(meta: dict[str, str]) -> bool:
+    try:
+        cfg = json.loads(meta.get(METADATA_KEY) or "{}")
+    except json.JSONDecodeError:
+        return False
+    return isinstance(cfg, dict) and any(
+        k.endswith("use_rslora") and v is True for k, v in cfg.items())
+
+
+def load_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                   layout: str) -> Adapter:
+    """Build an Adapter from a diffusers state dict already read from ``path``."""
+    check_variants(list(tensors), path)
+    parts, alpha_t = _parse(tensors, layout, path)
+    if not parts:
+        raise UnknownLayoutError("no LoRA tensors found", path=path)
+    prefixed = _has_components(meta, list(parts))
+    alphas = _metadata_alphas(meta, list(parts), path, prefixed)
+    for key, t in alpha_t.items():
+        alphas[key] = scalar_value(t, key + ".alpha", path)
+    stray = [k for k in alpha_t if k not in parts]
+    if stray:
+        raise ConfigMismatchError("alpha tensor for a module without LoRA factors", path=path,
+                                  key=stray[0] + ".alpha")
+    modules = build_modules(parts, alphas, path, rslora=_metadata_rslora(meta))
+    base = meta.get("lorakit.base_model") or None
+    return Adapter(modules=modules, source_format="diffusers", layout=layout, base_model=base,
+                   metadata=dict(meta), source=str(path), component_prefix=prefixed)
+
+
+def _component_config(adapter: Adapter, keys: list[str], strip: bool) -> dict[str, Any]:
+    mods = [adapter.modules[k] for k in keys]
+    sub = [adapter.split_key(k)[1] if strip else k for k in keys]
+    ranks = [m.rank for m in mods]
+    rslora = all(m.rslora for m in mods)
+    alphas = [float(m.alpha) if m.rslora == rslora else
+              m.scale * (m.rank ** 0.5 if rslora else m.rank) for m in mods]
+    r, alpha = common_value(ranks, 4), common_value(alphas, 4.0)
+    return {
+        "r": int(r), "lora_alpha": number(alpha),
+        "rank_pattern": {s: rk for s, rk in zip(sub, ranks) if rk != r},
+        "alpha_pattern": {s: number(a) for s, a in zip(sub, alphas) if a != alpha},
+        "target_modules": sorted({s.rsplit(".", 1)[-1] for s in sub}),
+        "use_rslora": rslora, "use_dora": any(m.magnitude is not None for m in mods),
+        "lora_bias": any(m.bias is not None for m in mods),
+    }
+
+
+def diffusers_metadata(adapter: Adapter) -> dict[str, Any]:
+    """The ``lora_adapter_metadata`` dict: per component, prefixed like diffusers does."""
+    groups: dict[str | None, list[str]] = {}
+    for k in adapter.modules:
+        groups.setdefault(adapter.split_key(k)[0], []).append(k)
+    out: dict[str, Any] = {}
+    for comp, keys in groups.items():
+        cfg = _component_config(adapter, keys, strip=comp is not None)
+        if comp is None:
+            out.update(cfg)
+        else:
+            out.update({f"{comp}.{k}": v for k, v in cfg.items()})
+    return out
+
+
+def diffusers_tensors(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, m in adapter.modules.items():
+        out[f"{key}.lora_A.weight"] = cast(m.down, dtype)
+        out[f"{key}.lora_B.weight"] = cast(m.up, dtype)
+        if m.bias is not None:
+            out[f"{key}.lora_B.bias"] = cast(m.bias, dtype)
+        if m.magnitude is not None:
+            out[f"{key}.lora_magnitude_vector.weight"] = cast(m.magnitude.reshape(-1), dtype)
+    for key, t in adapter.extras.items():
+        out[key] = t
+    return out
+
+
+def save_diffusers(adapter: Adapter, file: Path, *, dtype: torch.dtype | None = None,
+                   provenance: dict[str, Any] | None = None) -> None:
+    """Write ``adapter`` as a diffusers LoRA safetensors file at ``file``."""
+    meta: dict[str, str] = {"format": "pt"}
+    if adapter.source_format == "diffusers":
+        meta.update({k: v for k, v in adapter.metadata.items() if not k.startswith("lorakit.")})
+    meta[METADATA_KEY] = json.dumps(diffusers_metadata(adapter), indent=2, sort_keys=True)
+    meta["lorakit.components"] = json.dumps(adapter.components())
+    if provenance:
+        meta["lorakit.provenance"] = json.dumps(provenance, sort_keys=True)
+    if adapter.base_model:
+        meta["lorakit.base_model"] = adapter.base_model
+    write_safetensors(file, diffusers_tensors(adapter, dtype), meta)
+
+
+def known_components() -> tuple[str, ...]:
+    return COMPONENTS
