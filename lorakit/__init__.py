@@ -10,8 +10,17 @@ from lorakit.adapter import Adapter, LoraModule, ModuleKind
 from lorakit.api import convert, load, save
 from lorakit.errors import LorakitError
 from lorakit.formats import Format
+from lorakit.merge import merge  # the function shadows the subpackage name on purpose
+
+
+def resize(*args, **kwargs):
+    """Resize an adapter by a rank policy (see :func:`lorakit.compress.resize.resize`)."""
+    from lorakit.compress.resize import resize as _resize
+
+    return _resize(*args, **kwargs)
+
 
 __version__ = "0.1.0"
 
 __all__ = ["Adapter", "LoraModule", "ModuleKind", "Format", "LorakitError", "load", "save",
-           "convert", "__version__"]
+           "convert", "merge", "resize", "__version__"]

@@ -108,6 +108,156 @@ def convert_cmd(src: str, to: str, out: str, component: str | None, force: bool,
         click.echo(f"wrote {written} ({to}, {len(converted.modules)} modules)")
 
 
+def rank_policy_options(f):
+    """The RANK-POLICY options every compressing command shares (exactly one may be given)."""
+    opts = [
+        click.option("--rank", type=int, default=None, help="Fixed rank."),
+        click.option("--energy", type=float, default=None,
+                     help="Keep the minimal rank holding this fraction of ||delta||_F^2."),
+        click.option("--sv-ratio", type=float, default=None,
+                     help="kohya: keep singular values >= s_max / X (minimal rank)."),
+        click.option("--sv-fro", type=float, default=None,
+                     help="kohya: minimal rank keeping this fraction of the Frobenius norm."),
+        click.option("--sv-cumulative", type=float, default=None,
+                     help="kohya: minimal rank keeping this fraction of sum(s)."),
+        click.option("--threshold", type=float, default=None,
+                     help="Keep singular values above this absolute value."),
+        click.option("--budget", type=str, default=None,
+                     help="Global parameter budget: a count (e.g. 2000000) or a fraction (0.5)."),
+        click.option("--conv-rank", type=int, default=None, help="Rank for conv modules."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def policy_from(kwargs: dict[str, Any], default_required: bool = True):
+    """Build a RankPolicy from the CLI's rank-policy options (popping them from kwargs)."""
+    from lorakit.lowrank import RankPolicy
+
+    names = ("rank", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "threshold", "budget",
+             "conv_rank")
+    vals = {n: kwargs.pop(n, None) for n in names}
+    budget = vals["budget"]
+    if budget is not None:
+        try:
+            vals["budget"] = float(budget) if ("." in budget or "e" in budget.lower()) \
+                else int(budget)
+        except ValueError as e:
+            raise click.BadParameter(f"--budget {budget!r} is neither a count nor a fraction") \
+                from e
+    if not default_required and all(v is None for k, v in vals.items() if k != "conv_rank"):
+        return None
+    return RankPolicy.from_options(**vals)
+
+
+def device_option(f):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                        show_default=True, help="Where the linear algebra runs.")(f)
+
+
+@cli.command("resize")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--output", "out", required=True,
+              help="Output path (a folder when several sources are given).")
+@click.option("--to", "to", type=click.Choice(["peft", "diffusers", "kohya"]), default=None,
+              help="Output format (default: the input's).")
+@rank_policy_options
+@device_option
+@click.option("--report", "report_file", default=None, help="Write the per-module report (JSON).")
+@common_write_options
+def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
+               report_file: str | None, force: bool, dtype: str | None, quiet: bool,
+               as_json: bool, **policy_kw: Any) -> None:
+    """Resize adapters to a smaller rank by the exact SVD of each update (from the factors)."""
+    from pathlib import Path
+
+    from lorakit.api import load, save
+    from lorakit.compress.resize import resize
+    from lorakit.report import dumps, print_resize
+
+    policy = policy_from(policy_kw)
+    many = len(sources) > 1
+    results = []
+    for src in sources:
+        adapter = load(src)
+        target = Path(out) / Path(src).name if many else Path(out)
+        progress = None if quiet or as_json or not sys.stderr.isatty() else _progress_cb()
+        resized, report = resize(adapter, policy, device=device, progress=progress)
+        written = save(resized, target, to, force=force, dtype=parse_dtype(dtype),
+                       provenance=provenance([src]))
+        info = {"source": src, "output": str(written), **report.to_dict()}
+        results.append(info)
+        if not (quiet or as_json):
+            print_resize(info, _console())
+    if report_file:
+        Path(report_file).write_text(dumps(results if many else results[0]))
+    if as_json:
+        click.echo(dumps(results if many else results[0]))
+
+
+@cli.command("merge")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--method", required=True, help="Merge method (see `lorakit methods`).")
+@click.option("--weights", default=None, help="Comma-separated weights, e.g. 1,1,-0.5.")
+@click.option("-o", "--output", "out", required=True, help="Output path.")
+@click.option("--to", "to", type=click.Choice(["peft", "diffusers", "kohya"]), default=None,
+              help="Output format (default: the first input's).")
+@click.option("--intersect", is_flag=True, help="Keep only modules every adapter has.")
+@click.option("--extras", type=click.Choice(["error", "first", "drop"]), default="error",
+              show_default=True, help="Non-LoRA tensors (heads): refuse if they differ, keep the "
+              "first adapter's, or drop them.")
+@click.option("--option", "method_options", multiple=True, metavar="NAME=VALUE",
+              help="A method option, e.g. --option density=0.2 (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods.")
+@rank_policy_options
+@device_option
+@common_write_options
+def merge_cmd(sources: tuple[str, ...], method: str, weights: str | None, out: str,
+              to: str | None, intersect: bool, extras: str, method_options: tuple[str, ...],
+              seed: int, device: str, force: bool, dtype: str | None, quiet: bool,
+              as_json: bool, **policy_kw: Any) -> None:
+    """Merge adapters into one on the full update sum_i w_i * scale_i * B_i @ A_i."""
+    from lorakit.api import load, save
+    from lorakit.merge import merge
+    from lorakit.report import dumps
+
+    if len(sources) < 2 and method not in ("linear", "task_arithmetic", "svd"):
+        raise click.BadParameter("merge needs at least two sources")
+    policy = policy_from(policy_kw, default_required=False)
+    values = dict(_parse_option(o) for o in method_options)
+    adapters = [load(s) for s in sources]
+    merged = merge(adapters, method, weights, policy=policy, intersect=intersect,
+                   extras=extras, device=device, seed=seed, **values)
+    prov = provenance(list(sources))
+    prov.update({"method": method, "weights": weights, "options": values})
+    written = save(merged, out, to, force=force, dtype=parse_dtype(dtype), provenance=prov)
+    result = {"sources": list(sources), "method": method, "output": str(written),
+              "modules": len(merged.modules),
+              "ranks": sorted(set(merged.ranks().values()))}
+    if as_json:
+        click.echo(dumps(result))
+    elif not quiet:
+        click.echo(f"merged {len(sources)} adapters with {method} -> {written} "
+                   f"({len(merged.modules)} modules, ranks {result['ranks']})")
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"--option {text!r} must be NAME=VALUE")
+    return name.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+def _progress_cb():
+    def cb(key: str) -> None:
+        click.echo(f"\r  {key[:70]:<70}", nl=False, err=True)
+
+    return cb
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point with the one-line error contract."""
     try:

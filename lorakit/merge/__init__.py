@@ -1,0 +1,59 @@
+"""merge/: combine several adapters into one, on the full update ``sum_i w_i s_i B_i A_i``.
+
+Example:
+    >>> import lorakit
+    >>> merged = lorakit.merge([a, b], method="svd", weights=[1, 1])   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lorakit.adapter import Adapter
+from lorakit.errors import OptionError
+
+if TYPE_CHECKING:
+    from lorakit.lowrank import RankPolicy
+from lorakit.merge.align import ExtrasPolicy, align, merge_extras, parse_weights
+from lorakit.merge.options import MergeContext
+from lorakit.merge.registry import METHODS, get_method
+
+
+def merge(adapters: Sequence[Adapter], method: str = "linear",
+          weights: Sequence[float] | str | None = None, *, options: Any = None,
+          policy: RankPolicy | None = None, intersect: bool = False,
+          extras: ExtrasPolicy | str = ExtrasPolicy.ERROR, device: str = "auto",
+          dtype: torch.dtype | None = None, seed: int = 0, progress=None,
+          **option_values: Any) -> Adapter:
+    """Merge ``adapters`` with a registered method; returns a new Adapter (inputs untouched).
+
+    ``options`` is the method's options dataclass; keyword arguments set its fields instead.
+
+    Example:
+        >>> lorakit.merge([a, b], "ties", weights=[1, 1], density=0.2)   # doctest: +SKIP
+    """
+    spec = get_method(method)
+    if options is None:
+        known = {f.name for f in fields(spec.options)}
+        bad = sorted(set(option_values) - known)
+        if bad:
+            raise OptionError(f"method {method} has no option {bad[0]!r} "
+                              f"(options: {', '.join(sorted(known)) or 'none'})", key=bad[0])
+        options = spec.options(**option_values)
+    ws = parse_weights(weights, len(adapters))
+    aligned = align(adapters, ws, intersect=intersect, method=method)
+    ctx = MergeContext(policy=policy, device=device, dtype=dtype, seed=seed, progress=progress)
+    modules = spec.fn(aligned, options, ctx)
+    first = adapters[0]
+    out = first.copy(modules=modules, extras=merge_extras(adapters, ExtrasPolicy(extras)))
+    out.metadata = {}
+    out.config = {k: v for k, v in first.config.items()
+                  if k not in ("rank_pattern", "alpha_pattern", "r", "lora_alpha")}
+    return out
+
+
+__all__ = ["merge", "METHODS", "ExtrasPolicy", "get_method"]

@@ -1,0 +1,153 @@
+"""Typed options for the merge methods and the context every method receives.
+
+One frozen dataclass per method, shared by the API, the CLI and YAML recipes; closed sets are enums.
+
+Example:
+    >>> TiesOptions(density=0.3).sign
+    <SignMethod.TOTAL: 'total'>
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from lorakit.lowrank import RankPolicy
+
+
+class SignMethod(str, enum.Enum):
+    """TIES sign election: by the sign of the summed values or by the majority count."""
+
+    TOTAL = "total"
+    FREQUENCY = "frequency"
+
+
+class DisjointMerge(str, enum.Enum):
+    """How agreeing entries combine after sign election."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
+class TrimScope(str, enum.Enum):
+    """Magnitude trimming per tensor (each task's module) or over all modules of a task."""
+
+    TENSOR = "tensor"
+    GLOBAL = "global"
+
+
+@dataclass(frozen=True)
+class CatOptions:
+    """``cat`` has no knobs: it is exact."""
+
+
+@dataclass(frozen=True)
+class LinearOptions:
+    """``linear`` / ``task_arithmetic``: weighted sum; an optional rank policy truncates it."""
+
+
+@dataclass(frozen=True)
+class SvdOptions:
+    """``svd``: the exact sum truncated by the rank policy (default: the largest input rank)."""
+
+
+@dataclass(frozen=True)
+class FactorLinearOptions:
+    """``factor_linear``: weighted sums of A and of B separately (inexact; legacy)."""
+
+
+@dataclass
+class MergeContext:
+    """What every method gets besides its options: policy, device, dtype, seed, progress."""
+
+    policy: RankPolicy | None = None
+    device: str = "auto"
+    dtype: torch.dtype | None = None  # output dtype; None keeps the first input's
+    seed: int = 0
+    progress: Callable[[str], None] | None = None
+    notes: dict = field(default_factory=dict)
+
+    def tick(self, key: str) -> None:
+        if self.progress is not None:
+            self.progress(key)
+
+    def out_dtype(self, terms: Sequence) -> torch.dtype:
+        return self.dtype or terms[0].module.dtype
+
+
+def _enum(cls, value):
+    return value if isinstance(value, cls) else cls(value)
+
+
+@dataclass(frozen=True)
+class TiesOptions:
+    """TIES: trim to ``density`` by magnitude, elect signs, disjoint mean, scale by ``lam``.
+
+    Defaults follow the paper (density 0.2 ... mergekit/PEFT use the same knob) until the zoo's
+    quality benchmark sets them.
+    """
+
+    density: float = 0.2
+    sign: SignMethod = SignMethod.TOTAL
+    disjoint: DisjointMerge = DisjointMerge.MEAN
+    scope: TrimScope = TrimScope.TENSOR
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sign", _enum(SignMethod, self.sign))
+        object.__setattr__(self, "disjoint", _enum(DisjointMerge, self.disjoint))
+        object.__setattr__(self, "scope", _enum(TrimScope, self.scope))
+        _check_density(self.density)
+
+
+@dataclass(frozen=True)
+class DareOptions:
+    """DARE (``dare_linear``): drop with probability ``1 - density``, rescale, weighted sum."""
+
+    density: float = 0.5
+    rescale: bool = True
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_density(self.density)
+
+
+@dataclass(frozen=True)
+class DareTiesOptions:
+    """DARE + TIES sign election and disjoint merge (``dare_ties``)."""
+
+    density: float = 0.5
+    rescale: bool = True
+    sign: SignMethod = SignMethod.TOTAL
+    disjoint: DisjointMerge = DisjointMerge.MEAN
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sign", _enum(SignMethod, self.sign))
+        object.__setattr__(self, "disjoint", _enum(DisjointMerge, self.disjoint))
+        _check_density(self.density)
+
+
+@dataclass(frozen=True)
+class MagnitudePruneOptions:
+    """Magnitude pruning: trim each task to ``density`` by magnitude, then the weighted sum."""
+
+    density: float = 0.5
+    scope: TrimScope = TrimScope.TENSOR
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scope", _enum(TrimScope, self.scope))
+        _check_density(self.density)
+
+
+def _check_density(d: float) -> None:
+    from lorakit.errors import OptionError
+
+    if not 0.0 < float(d) <= 1.0:
+        raise OptionError(f"density must be in (0, 1], got {d}", key="density")

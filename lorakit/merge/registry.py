@@ -1,0 +1,75 @@
+"""The merge methods, each with its name, options type, reference and whether it is exact.
+
+An explicit table (no registration by import side effect): adding a method is one file in
+``merge/`` plus one entry here.
+
+Example:
+    >>> get_method("cat").exact
+    True
+    >>> sorted(m for m in METHODS)[:3]
+    ['cat', 'factor_linear', 'linear']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lorakit.errors import OptionError
+from lorakit.merge import options as o
+from lorakit.merge.cat import merge_cat
+from lorakit.merge.dare import merge_dare_linear, merge_dare_ties
+from lorakit.merge.factor_linear import merge_factor_linear
+from lorakit.merge.linear import merge_linear
+from lorakit.merge.magnitude_prune import merge_magnitude_prune
+from lorakit.merge.svd import merge_svd
+from lorakit.merge.ties import merge_ties
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method."""
+
+    name: str
+    fn: Callable
+    options: type
+    reference: str
+    exact: bool  # the output equals the weighted sum of updates (before any rank policy)
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    "linear": MethodSpec("linear", merge_linear, o.LinearOptions,
+                         "Ilharco et al., Task Arithmetic, ICLR 2023", True,
+                         "weighted sum of full updates (exact), optional rank policy"),
+    "task_arithmetic": MethodSpec("task_arithmetic", merge_linear, o.LinearOptions,
+                                  "Ilharco et al., Task Arithmetic, ICLR 2023", True,
+                                  "alias of linear; negative weights negate a task"),
+    "cat": MethodSpec("cat", merge_cat, o.CatOptions, "PEFT add_weighted_adapter(cat)", True,
+                      "exact concatenation, rank = sum of ranks"),
+    "svd": MethodSpec("svd", merge_svd, o.SvdOptions, "PEFT add_weighted_adapter(svd)", True,
+                      "exact sum truncated by a rank policy (default: largest input rank)"),
+    "factor_linear": MethodSpec("factor_linear", merge_factor_linear, o.FactorLinearOptions,
+                                "PEFT add_weighted_adapter(linear); LoraHub", False,
+                                "A and B averaged separately (inexact: cross terms)"),
+    "ties": MethodSpec("ties", merge_ties, o.TiesOptions,
+                       "Yadav et al., TIES-Merging, NeurIPS 2023", False,
+                       "trim by magnitude, elect sign, disjoint mean (dense, per module)"),
+    "dare_linear": MethodSpec("dare_linear", merge_dare_linear, o.DareOptions,
+                              "Yu et al., DARE, ICML 2024", False,
+                              "random drop and rescale, then sum (dense, seeded)"),
+    "dare_ties": MethodSpec("dare_ties", merge_dare_ties, o.DareTiesOptions,
+                            "Yu et al., DARE, ICML 2024; Yadav et al., TIES", False,
+                            "random drop and rescale, then TIES sign election"),
+    "magnitude_prune": MethodSpec("magnitude_prune", merge_magnitude_prune,
+                                  o.MagnitudePruneOptions, "PEFT magnitude_prune", False,
+                                  "trim by magnitude, then sum (dense, per module)"),
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise OptionError(f"unknown merge method {name!r} (known: {', '.join(sorted(METHODS))})",
+                          key="method") from None
