@@ -37,6 +37,14 @@ import torch
 from lorakit.errors import NonFiniteError, ShapeMismatchError
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` holds no NaN/Inf: one float64-accumulated sum (NaN and Inf propagate, and
+    no finite float16/bfloat16/float32 data can overflow a float64 sum), no temporary mask."""
+    if t.numel() == 0:
+        return True
+    return math.isfinite(float(t.sum(dtype=torch.float64)))
+
+
 class ModuleKind(str, enum.Enum):
     """What kind of base layer a LoRA module adapts."""
 
@@ -164,7 +172,7 @@ class LoraModule:
             raise NonFiniteError(f"alpha is {self.alpha!r}", path=path, key=key)
         for name, t in (("lora_A", a), ("lora_B", b), ("magnitude", self.magnitude),
                         ("bias", self.bias)):
-            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t is not None and t.is_floating_point() and not all_finite(t):
                 raise NonFiniteError(f"{name} holds NaN or Inf values", path=path, key=key)
 
 

@@ -1,0 +1,154 @@
+"""Resize an adapter: the exact SVD of each update, truncated by a rank policy.
+
+Each module's ``scale * B @ A`` is decomposed exactly from its factors (lowrank engine, batched
+over modules of equal shape, chunked so memory stays bounded) and the top ``k`` triplets are kept,
+which is the Eckart-Young optimum for that rank. The new factors are balanced,
+``B' = U_k S_k^1/2`` and ``A' = S_k^1/2 V_k^T``, with ``alpha = k`` (scale 1) and no rsLoRA flag:
+unlike kohya's resize, which keeps the old alpha and scales the factors, the kept update is
+exactly the truncated SVD whatever alpha convention the reader applies. Output dtype = input dtype.
+
+Example:
+    >>> import lorakit
+    >>> from lorakit.lowrank import RankPolicy
+    >>> small, report = lorakit.resize(adapter, RankPolicy.fixed(16))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lorakit.adapter import Adapter, LoraModule, ModuleKind
+from lorakit.errors import UnsupportedVariantError
+from lorakit.lowrank import RankPolicy, allocate_budget, batched_factored_svd, select_rank
+from lorakit.lowrank.device import resolve_device
+
+CHUNK_ELEMENTS = 1 << 24  # factor elements per batched call (bounds the float32 work memory)
+
+
+@dataclass
+class ModuleReport:
+    key: str
+    rank_before: int
+    rank_after: int
+    energy_kept: float
+    rel_error: float
+
+
+@dataclass
+class ResizeReport:
+    """Per-module kept rank, energy kept and relative error, plus totals."""
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def total_rel_error(self) -> float:
+        """``sqrt(sum err^2 / sum ||delta||^2)`` over all modules."""
+        num = sum(m.rel_error ** 2 * self._norm2.get(m.key, 0.0) for m in self.modules)
+        den = sum(self._norm2.values())
+        return (num / den) ** 0.5 if den > 0 else 0.0
+
+    _norm2: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params_before": self.params_before, "params_after": self.params_after,
+            "total_rel_error": self.total_rel_error,
+            "modules": [vars(m) for m in self.modules],
+        }
+
+
+def _groups(adapter: Adapter) -> dict[tuple, list[str]]:
+    """Module keys grouped by (update shape, rank, kind) so each group is one batched call."""
+    groups: dict[tuple, list[str]] = {}
+    for key, m in adapter.modules.items():
+        sig = (m.out_features, m.down_matrix().shape[1], m.rank, m.kind.value)
+        groups.setdefault(sig, []).append(key)
+    return groups
+
+
+def _chunks(keys: list[str], per: int) -> list[list[str]]:
+    return [keys[i:i + per] for i in range(0, len(keys), per)]
+
+
+def _spectra(adapter: Adapter, device: torch.device, progress) -> dict[str, tuple]:
+    """Exact SVD (U, S, Vh) of every module, batched by shape."""
+    out: dict[str, tuple] = {}
+    for (o, i, r, _), keys in _groups(adapter).items():
+        per = max(1, CHUNK_ELEMENTS // max(1, (o + i) * r))
+        for chunk in _chunks(keys, per):
+            mods = [adapter.modules[k] for k in chunk]
+            b = torch.stack([m.up_matrix(torch.float32) * m.scale for m in mods])  # (n, out, r)
+            a = torch.stack([m.down_matrix(torch.float32) for m in mods])  # (n, r, in*k)
+            svd = batched_factored_svd(b, a, device=device)
+            for j, k in enumerate(chunk):
+                out[k] = (svd.U[j], svd.S[j], svd.Vh[j])
+                if progress:
+                    progress(k)
+    return out
+
+
+def _new_module(m: LoraModule, u, s, vh, k: int, dtype: torch.dtype) -> LoraModule:
+    root = s[:k].clamp_min(0).sqrt().to(u.dtype)  # (k,)
+    up = (u[:, :k] * root).to("cpu", dtype)  # (out, k)
+    down = (root[:, None] * vh[:k]).to("cpu", dtype)  # (k, in*kh*kw)
+    if m.kind is ModuleKind.CONV:
+        up = up.reshape(up.shape[0], k, 1, 1)
+        down = down.reshape(k, *m.down.shape[1:])
+    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(k), kind=m.kind,
+                      bias=m.bias)
+
+
+def _ranks(adapter: Adapter, spectra: dict[str, tuple], policy: RankPolicy) -> dict[str, int]:
+    if policy.is_budget:
+        costs = {k: m.out_features + m.down_matrix().shape[1]
+                 for k, m in adapter.modules.items()}
+        budget = policy.budget_params(adapter.num_params())
+        return allocate_budget({k: v[1] for k, v in spectra.items()}, costs, budget)
+    out = {}
+    for key, m in adapter.modules.items():
+        p = policy.for_conv() if (m.kind is ModuleKind.CONV and m.kernel != (1, 1)) else policy
+        out[key] = select_rank(spectra[key][1], p)
+    return out
+
+
+def resize(adapter: Adapter, policy: RankPolicy, *, device: str = "auto",
+           dtype: torch.dtype | None = None,
+           progress: Callable[[str], None] | None = None) -> tuple[Adapter, ResizeReport]:
+    """Resize every module of ``adapter`` by ``policy``; returns the new adapter and a report.
+
+    Ranks never grow: a policy asking for more than a module's rank keeps it whole (exactly).
+
+    Example:
+        >>> small, rep = resize(adapter, RankPolicy.from_options(energy=0.99))   # doctest: +SKIP
+        >>> rep.to_dict()["total_rel_error"]                                     # doctest: +SKIP
+    """
+    for key, m in adapter.modules.items():
+        if m.magnitude is not None:
+            raise UnsupportedVariantError(
+                "DoRA module: resizing changes the direction its magnitude vector normalises",
+                path=adapter.source, key=key)
+    dev = resolve_device(device)
+    spectra = _spectra(adapter, dev, progress)
+    ranks = _ranks(adapter, spectra, policy)
+    report = ResizeReport(params_before=adapter.num_params())
+    modules: dict[str, LoraModule] = {}
+    for key, m in adapter.modules.items():
+        u, s, vh = spectra[key]
+        k = max(1, min(ranks[key], m.rank, int(s.numel())))
+        modules[key] = _new_module(m, u, s, vh, k, dtype or m.dtype)
+        e = s.double().pow(2)
+        total = float(e.sum())
+        kept = float(e[:k].sum())
+        report._norm2[key] = total
+        report.modules.append(ModuleReport(
+            key, m.rank, k, kept / total if total > 0 else 1.0,
+            (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0))
+    out = adapter.copy(modules=modules)
+    report.params_after = out.num_params()
+    return out, report
