@@ -144,11 +144,11 @@ def resize(adapter: Adapter, policy: RankPolicy, *, device: str = "auto",
         modules[key] = _new_module(m, u, s, vh, k, dtype or m.dtype)
         e = s.double().pow(2)
         total = float(e.sum())
-        kept = float(e[:k].sum())
+        dropped = float(e[k:].sum())  # summed directly: no cancellation when little is dropped
         report._norm2[key] = total
         report.modules.append(ModuleReport(
-            key, m.rank, k, kept / total if total > 0 else 1.0,
-            (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0))
+            key, m.rank, k, 1.0 - dropped / total if total > 0 else 1.0,
+            (dropped / total) ** 0.5 if total > 0 else 0.0))
     out = adapter.copy(modules=modules)
     report.params_after = out.num_params()
     return out, report

@@ -87,7 +87,8 @@ def test_svd_truncation_is_eckart_young_optimal(k):
         optimum = np.sqrt((s[kk:] ** 2).sum())
         err = np.linalg.norm(dense(m).reshape(d.shape[0], -1) - d.reshape(d.shape[0], -1))
         assert m.rank <= kk
-        assert err <= optimum * (1 + 1e-6) + 1e-9 * np.linalg.norm(d), key
+        # float32 output factors add ~1e-7 relative rounding on top of the optimum
+        assert err <= optimum * (1 + 1e-6) + 1e-6 * np.linalg.norm(d), key
 
 
 def test_svd_default_rank_is_largest_input_rank():
@@ -107,7 +108,7 @@ def test_factor_linear_has_cross_terms():
                         + ma.up.double().numpy() @ mb.down.double().numpy())
     got = dense(merged.modules["q"])
     assert rel(got, want) > 1e-3  # inexact ...
-    assert rel(got, want + cross) < 1e-9  # ... by exactly the cross terms
+    assert rel(got, want + cross) < 1e-6  # ... by exactly the cross terms (float32 output)
 
 
 def test_union_and_intersect():
