@@ -23,7 +23,7 @@ import torch
 
 from lorakit.adapter import Adapter, LoraModule, ModuleKind
 from lorakit.errors import UnsupportedVariantError
-from lorakit.lowrank import RankPolicy, allocate_budget, batched_factored_svd, select_rank
+from lorakit.lowrank import RankPolicy, allocate_budget, select_rank
 from lorakit.lowrank.device import resolve_device
 
 CHUNK_ELEMENTS = 1 << 24  # factor elements per batched call (bounds the float32 work memory)
@@ -76,18 +76,42 @@ def _chunks(keys: list[str], per: int) -> list[list[str]]:
     return [keys[i:i + per] for i in range(0, len(keys), per)]
 
 
-def _spectra(adapter: Adapter, device: torch.device, progress) -> dict[str, tuple]:
-    """Exact SVD (U, S, Vh) of every module, batched by shape."""
+def _fill(mods: list[LoraModule], b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Copy factors into reused float32 buffers ``b (n, out, r)``, ``a (n, r, in*k)``; scales."""
+    for j, m in enumerate(mods):
+        b[j].copy_(m.up_matrix())  # converts in the copy: one pass, no temporaries
+        a[j].copy_(m.down_matrix())
+    return torch.tensor([m.scale for m in mods], dtype=torch.float64)
+
+
+def _run(adapter: Adapter, device: torch.device, rank_of: Callable[[str, torch.Tensor], int],
+         progress, keep_factors: bool) -> dict[str, tuple]:
+    """Per module: the spectrum S and, if ``keep_factors``, the top ``rank_of(key, S)`` triplets.
+
+    Modules are batched by shape in chunks of ``CHUNK_ELEMENTS`` factor entries through buffers
+    reused across chunks; only the kept columns of U and V survive a chunk, so peak memory stays
+    near the input plus one chunk.
+    """
+    from lorakit.lowrank.factored import back_project, factored_core
+
     out: dict[str, tuple] = {}
     for (o, i, r, _), keys in _groups(adapter).items():
         per = max(1, CHUNK_ELEMENTS // max(1, (o + i) * r))
+        bufs = (torch.empty(min(per, len(keys)), o, r, device=device),
+                torch.empty(min(per, len(keys)), r, i, device=device))
         for chunk in _chunks(keys, per):
-            mods = [adapter.modules[k] for k in chunk]
-            b = torch.stack([m.up_matrix(torch.float32) * m.scale for m in mods])  # (n, out, r)
-            a = torch.stack([m.down_matrix(torch.float32) for m in mods])  # (n, r, in*k)
-            svd = batched_factored_svd(b, a, device=device)
+            n = len(chunk)
+            b, a = bufs[0][:n], bufs[1][:n]
+            scales = _fill([adapter.modules[k] for k in chunk], b, a)
+            core = factored_core(b, a, scales)
+            s_cpu = core.S.cpu()
+            if not keep_factors:
+                out.update({k: (None, s_cpu[j], None) for j, k in enumerate(chunk)})
+                continue
+            ks = [max(1, min(rank_of(k, s_cpu[j]), r)) for j, k in enumerate(chunk)]
+            u, vh = back_project(core, b, a, max(ks))
             for j, k in enumerate(chunk):
-                out[k] = (svd.U[j], svd.S[j], svd.Vh[j])
+                out[k] = (u[j, :, :ks[j]].cpu(), s_cpu[j], vh[j, :ks[j]].cpu())
                 if progress:
                     progress(k)
     return out
@@ -104,17 +128,23 @@ def _new_module(m: LoraModule, u, s, vh, k: int, dtype: torch.dtype) -> LoraModu
                       bias=m.bias)
 
 
-def _ranks(adapter: Adapter, spectra: dict[str, tuple], policy: RankPolicy) -> dict[str, int]:
+def _rank_fn(adapter: Adapter, policy: RankPolicy, device: torch.device, progress
+             ) -> Callable[[str, torch.Tensor], int]:
+    """How many triplets each module keeps (a budget needs every spectrum first)."""
     if policy.is_budget:
+        spectra = _run(adapter, device, lambda k, s: 0, None, keep_factors=False)
         costs = {k: m.out_features + m.down_matrix().shape[1]
                  for k, m in adapter.modules.items()}
         budget = policy.budget_params(adapter.num_params())
-        return allocate_budget({k: v[1] for k, v in spectra.items()}, costs, budget)
-    out = {}
-    for key, m in adapter.modules.items():
+        ranks = allocate_budget({k: v[1] for k, v in spectra.items()}, costs, budget)
+        return lambda key, s: ranks[key]
+
+    def per_module(key: str, s: torch.Tensor) -> int:
+        m = adapter.modules[key]
         p = policy.for_conv() if (m.kind is ModuleKind.CONV and m.kernel != (1, 1)) else policy
-        out[key] = select_rank(spectra[key][1], p)
-    return out
+        return select_rank(s, p)
+
+    return per_module
 
 
 def resize(adapter: Adapter, policy: RankPolicy, *, device: str = "auto",
@@ -134,13 +164,13 @@ def resize(adapter: Adapter, policy: RankPolicy, *, device: str = "auto",
                 "DoRA module: resizing changes the direction its magnitude vector normalises",
                 path=adapter.source, key=key)
     dev = resolve_device(device)
-    spectra = _spectra(adapter, dev, progress)
-    ranks = _ranks(adapter, spectra, policy)
+    results = _run(adapter, dev, _rank_fn(adapter, policy, dev, progress), progress,
+                   keep_factors=True)
     report = ResizeReport(params_before=adapter.num_params())
     modules: dict[str, LoraModule] = {}
     for key, m in adapter.modules.items():
-        u, s, vh = spectra[key]
-        k = max(1, min(ranks[key], m.rank, int(s.numel())))
+        u, s, vh = results[key]
+        k = int(u.shape[1])
         modules[key] = _new_module(m, u, s, vh, k, dtype or m.dtype)
         e = s.double().pow(2)
         total = float(e.sum())

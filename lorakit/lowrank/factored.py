@@ -56,12 +56,46 @@ def _whiten(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return root, inv
 
 
+class Core(NamedTuple):
+    """The small part of a batched factored SVD: enough to back-project any number of triplets."""
+
+    ib: torch.Tensor  # (n, R, R): Q_b = B @ ib
+    ia: torch.Tensor  # (n, R, R): Q_a = A^T @ ia
+    uc: torch.Tensor  # (n, R, R) left singular vectors of the core
+    S: torch.Tensor  # (n, R) singular values, descending, float64
+    vch: torch.Tensor  # (n, R, R) right singular vectors of the core (rows)
+
+
+def factored_core(b: torch.Tensor, a: torch.Tensor, coeffs: torch.Tensor | None = None
+                  ) -> Core:
+    """Gram products of ``b (n, out, R)`` and ``a (n, R, in)``, whitening and the core SVD."""
+    gb = (b.mT @ b).double()  # (n, R, R)
+    ga = (a @ a.mT).double()  # (n, R, R)
+    rb, ib = _whiten(gb)  # B = Q_b rb,   Q_b = B ib
+    ra, ia = _whiten(ga)  # A^T = Q_a ra, Q_a = A^T ia
+    core = rb @ ra.mT  # (n, R, R)
+    if coeffs is not None:
+        core = core * coeffs.to(device=core.device, dtype=core.dtype).reshape(-1, 1, 1)
+    uc, s, vch = torch.linalg.svd(core)  # (n, R, R), (n, R), (n, R, R)
+    return Core(ib, ia, uc, s, vch)
+
+
+def back_project(core: Core, b: torch.Tensor, a: torch.Tensor, rank: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``rank`` ``U (n, out, k)`` and ``Vh (n, k, in)`` in ``b``'s dtype."""
+    k = max(0, min(rank, core.S.shape[-1]))
+    left = (core.ib @ core.uc[..., :k]).to(b.dtype)  # (n, R, k)
+    right = (core.vch[..., :k, :] @ core.ia.mT).to(a.dtype)  # (n, k, R)
+    return b @ left, right @ a  # (n, out, k), (n, k, in)
+
+
 def batched_factored_svd(B: torch.Tensor, A: torch.Tensor, *, rank: int | None = None,
+                         coeffs: torch.Tensor | None = None,
                          work_dtype: torch.dtype = torch.float32,
                          device: torch.device | str | None = None) -> FactoredSVD:
-    """Exact SVD of ``B @ A`` for a batch: ``B (n, out, R)``, ``A (n, R, in)`` (coefficients folded
-    into ``B``). Returns the top ``rank`` triplets (default ``R``) in float64 for S and
-    ``work_dtype`` for U and Vh.
+    """Exact SVD of ``c * B @ A`` for a batch: ``B (n, out, R)``, ``A (n, R, in)``, optional
+    per-item ``coeffs (n,)`` applied to the small core (no pass over the big factors). Returns the
+    top ``rank`` triplets (default ``R``) in float64 for S and ``work_dtype`` for U and Vh.
 
     Example:
         >>> import torch
@@ -72,18 +106,10 @@ def batched_factored_svd(B: torch.Tensor, A: torch.Tensor, *, rank: int | None =
     dev = torch.device(device) if device is not None else B.device
     b = B.to(device=dev, dtype=work_dtype)  # (n, out, R)
     a = A.to(device=dev, dtype=work_dtype)  # (n, R, in)
-    gb = (b.mT @ b).double()  # (n, R, R)
-    ga = (a @ a.mT).double()  # (n, R, R)
-    rb, ib = _whiten(gb)  # B = Q_b rb,   Q_b = B ib
-    ra, ia = _whiten(ga)  # A^T = Q_a ra, Q_a = A^T ia
-    core = rb @ ra.mT  # (n, R, R)
-    uc, s, vch = torch.linalg.svd(core)  # (n, R, R), (n, R), (n, R, R)
-    k = s.shape[-1] if rank is None else max(0, min(rank, s.shape[-1]))
-    left = (ib @ uc[..., :k]).to(work_dtype)  # (n, R, k)
-    right = (vch[..., :k, :] @ ia.mT).to(work_dtype)  # (n, k, R)
-    u = b @ left  # (n, out, k)
-    vh = right @ a  # (n, k, in)
-    return FactoredSVD(u, s[..., :k], vh)
+    core = factored_core(b, a, coeffs)
+    k = core.S.shape[-1] if rank is None else max(0, min(rank, core.S.shape[-1]))
+    u, vh = back_project(core, b, a, k)
+    return FactoredSVD(u, core.S[..., :k], vh)
 
 
 def factored_svd(ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor],

@@ -151,3 +151,72 @@ def _check_density(d: float) -> None:
 
     if not 0.0 < float(d) <= 1.0:
         raise OptionError(f"density must be in (0, 1], got {d}", key="density")
+
+
+class OutputReweight(str, enum.Enum):
+    """LoRA-LEGO output reweighting of the merged update (variance correction).
+
+    ``none``: the sum of the ``k`` centroid units. ``sqrt_ratio``: the merged update times
+    ``sqrt(N / k)`` for ``N`` pooled units, which restores the output variance of ``N``
+    independent units summed (the paper's variance-expansion argument). ``cluster_size``: each
+    centroid times its member count, so similar units add up as they would in ``cat``.
+    """
+
+    NONE = "none"
+    SQRT_RATIO = "sqrt_ratio"
+    CLUSTER_SIZE = "cluster_size"
+
+
+@dataclass(frozen=True)
+class LegoOptions:
+    """LoRA-LEGO: ``k`` clusters of rank-one units per module (default: largest input rank).
+
+    ``param_reweight`` rescales each centroid unit so its norm ``|a||b|`` equals its members'
+    mean norm (averaging shrinks norms); ``output_reweight`` corrects the variance lost when many
+    units collapse into ``k`` (see :class:`OutputReweight`). Defaults are provisional until the zoo
+    quality benchmark sets them.
+    """
+
+    k: int | None = None
+    param_reweight: bool = True
+    output_reweight: OutputReweight = OutputReweight.NONE
+    n_init: int = 10
+    max_iter: int = 300
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_reweight", _enum(OutputReweight, self.output_reweight))
+        if self.k is not None and int(self.k) < 1:
+            from lorakit.errors import OptionError
+
+            raise OptionError(f"k must be >= 1, got {self.k}", key="k")
+
+
+class KnotsMerge(str, enum.Enum):
+    """How KnOTS combines the tasks' aligned coefficients."""
+
+    TIES = "ties"
+    DARE_TIES = "dare_ties"
+    SUM = "sum"
+    MEAN = "mean"
+
+
+@dataclass(frozen=True)
+class KnotsOptions:
+    """KnOTS: joint SVD alignment, then TIES/DARE on the aligned per-task coefficients.
+
+    ``density`` is the top-K fraction kept per task over all layers (TIES) or the DARE keep
+    probability; ``lam`` scales the merged update. ``merge=sum`` with ``density=1`` equals
+    ``linear``.
+    """
+
+    merge: KnotsMerge = KnotsMerge.TIES
+    density: float = 0.2
+    sign: SignMethod = SignMethod.TOTAL
+    disjoint: DisjointMerge = DisjointMerge.MEAN
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "merge", _enum(KnotsMerge, self.merge))
+        object.__setattr__(self, "sign", _enum(SignMethod, self.sign))
+        object.__setattr__(self, "disjoint", _enum(DisjointMerge, self.disjoint))
+        _check_density(self.density)

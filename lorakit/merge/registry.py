@@ -20,6 +20,8 @@ from lorakit.merge import options as o
 from lorakit.merge.cat import merge_cat
 from lorakit.merge.dare import merge_dare_linear, merge_dare_ties
 from lorakit.merge.factor_linear import merge_factor_linear
+from lorakit.merge.knots import merge_knots
+from lorakit.merge.lego import merge_lego
 from lorakit.merge.linear import merge_linear
 from lorakit.merge.magnitude_prune import merge_magnitude_prune
 from lorakit.merge.svd import merge_svd
@@ -64,6 +66,12 @@ METHODS: dict[str, MethodSpec] = {
     "magnitude_prune": MethodSpec("magnitude_prune", merge_magnitude_prune,
                                   o.MagnitudePruneOptions, "PEFT magnitude_prune", False,
                                   "trim by magnitude, then sum (dense, per module)"),
+    "lego": MethodSpec("lego", merge_lego, o.LegoOptions,
+                       "Zhao et al., LoRA-LEGO, ICLR 2025", False,
+                       "k-means over rank-one units; centroids form a rank-k adapter"),
+    "knots": MethodSpec("knots", merge_knots, o.KnotsOptions,
+                        "Stoica et al., KnOTS, ICLR 2025", False,
+                        "joint SVD alignment, then TIES/DARE on aligned coefficients"),
 }
 
 
