@@ -47,7 +47,7 @@ def expected_sum(adapters, weights):
         keys += [k for k in ad.modules if k not in keys]
     out = {}
     for k in keys:
-        out[k] = sum(w * dense(ad.modules[k]) for ad, w in zip(adapters, weights)
+        out[k] = sum(w * dense(ad.modules[k]) for ad, w in zip(adapters, weights, strict=True)
                      if k in ad.modules)
     return out
 
