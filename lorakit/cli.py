@@ -251,6 +251,43 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return name.strip().replace("-", "_"), yaml.safe_load(value)
 
 
+@cli.command("extract")
+@click.option("--base", required=True, help="Base checkpoint (safetensors file or folder).")
+@click.option("--tuned", required=True, help="Fine-tuned checkpoint (same layout).")
+@click.option("-o", "--output", "out", required=True, help="Output PEFT folder.")
+@click.option("--max-rank", type=int, default=256, show_default=True,
+              help="Triplets computed per module for non-fixed policies.")
+@click.option("--non-lora", type=click.Choice(["skip", "save"]), default="skip",
+              show_default=True, help="Norms, biases and other non-2-D tensors: skip or save.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@rank_policy_options
+@device_option
+@common_write_options
+def extract_cmd(base: str, tuned: str, out: str, max_rank: int, non_lora: str, seed: int,
+                device: str, force: bool, dtype: str | None, quiet: bool, as_json: bool,
+                **policy_kw: Any) -> None:
+    """Extract a LoRA from a full fine-tune (tuned - base), one tensor at a time."""
+    from pathlib import Path
+
+    from lorakit.api import save
+    from lorakit.compress.extract import extract
+    from lorakit.io import check_output
+    from lorakit.report import dumps
+
+    check_output(Path(out), force)
+    policy = policy_from(policy_kw)
+    adapter, report = extract(base, tuned, policy, max_rank=max_rank, non_lora=non_lora,
+                              seed=seed, device=device, dtype=parse_dtype(dtype))
+    written = save(adapter, out, "peft", force=force, provenance=provenance([base, tuned]))
+    result = {"output": str(written), **report.to_dict()}
+    if as_json:
+        click.echo(dumps(result))
+    elif not quiet:
+        ranks = sorted({m["rank"] for m in report.modules})
+        click.echo(f"extracted {len(report.modules)} modules (ranks {ranks}) -> {written}; "
+                   f"{len(report.skipped)} tensors skipped, {len(report.saved)} saved")
+
+
 def _progress_cb():
     def cb(key: str) -> None:
         click.echo(f"\r  {key[:70]:<70}", nl=False, err=True)
