@@ -41,12 +41,16 @@ _COMPOUND = {
     "up_proj", "down_proj", "embed_tokens", "lm_head", "text_projection", "final_layer_norm",
     "self_attention", "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj",
     "c_fc", "q_lin", "k_lin", "v_lin", "out_lin", "input_blocks", "output_blocks", "middle_block",
-    "norm_out", "proj_out", "time_text_embed", "timestep_embedder", "text_embedder",
+    "norm_out", "time_text_embed", "timestep_embedder", "text_embedder",
     "guidance_embedder", "context_embedder", "x_embedder", "norm1_context", "ff_context",
-    "to_add_out", "norm_added_q", "norm_added_k", "norm_q", "norm_k", "single_blocks",
+    "norm_added_q", "norm_added_k", "norm_q", "norm_k", "single_blocks",
     "double_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
     "pos_embed", "patch_embed", "caption_projection", "adaln_single", "attn_out",
-    "transformer_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
+    "resnets", "attentions", "downsamplers", "upsamplers",
+    # LLM families: T5 v1.1 / Flan-T5 gated FFN, Phi-3, Mixtral, Qwen2-MoE, GPT-J, Whisper/BART,
+    # Mamba, CLIP vision
+    "wi_0", "wi_1", "qkv_proj", "gate_up_proj", "block_sparse_moe", "shared_expert", "fc_in",
+    "fc_out", "encoder_attn", "in_proj", "x_proj", "dt_proj", "vision_model",
 }
 _MAX_WORDS = 4
 

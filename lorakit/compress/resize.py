@@ -26,7 +26,8 @@ from lorakit.errors import UnsupportedVariantError
 from lorakit.lowrank import RankPolicy, allocate_budget, select_rank
 from lorakit.lowrank.device import resolve_device
 
-CHUNK_ELEMENTS = 1 << 24  # factor elements per batched call (bounds the float32 work memory)
+CHUNK_ELEMENTS = 1 << 22  # factor elements per batched call (bounds the work memory)
+FLOAT64_BELOW = 1 << 18  # modules with fewer factor elements are decomposed in float64
 
 
 @dataclass
@@ -77,7 +78,7 @@ def _chunks(keys: list[str], per: int) -> list[list[str]]:
 
 
 def _fill(mods: list[LoraModule], b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Copy factors into reused float32 buffers ``b (n, out, r)``, ``a (n, r, in*k)``; scales."""
+    """Copy factors into reused work buffers ``b (n, out, r)``, ``a (n, r, in*k)``; scales."""
     for j, m in enumerate(mods):
         b[j].copy_(m.up_matrix())  # converts in the copy: one pass, no temporaries
         a[j].copy_(m.down_matrix())
@@ -97,8 +98,11 @@ def _run(adapter: Adapter, device: torch.device, rank_of: Callable[[str, torch.T
     out: dict[str, tuple] = {}
     for (o, i, r, _), keys in _groups(adapter).items():
         per = max(1, CHUNK_ELEMENTS // max(1, (o + i) * r))
-        bufs = (torch.empty(min(per, len(keys)), o, r, device=device),
-                torch.empty(min(per, len(keys)), r, i, device=device))
+        # small modules: float64 everywhere (exact spectra and reports, negligible cost); large
+        # ones: float32 tall products (2-3x faster; truncation error still within 1e-6)
+        wd = torch.float64 if (o + i) * r <= FLOAT64_BELOW else torch.float32
+        bufs = (torch.empty(min(per, len(keys)), o, r, device=device, dtype=wd),
+                torch.empty(min(per, len(keys)), r, i, device=device, dtype=wd))
         for chunk in _chunks(keys, per):
             n = len(chunk)
             b, a = bufs[0][:n], bufs[1][:n]

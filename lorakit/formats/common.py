@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,6 +98,35 @@ def common_value(values: list, default=None):
     if not values:
         return default
     return Counter(values).most_common(1)[0][0]
+
+
+def target_name(key: str) -> str:
+    """PEFT ``target_modules`` entry for a module path: its last segment, or the last two when the
+    last is a ModuleList index (``to_out.0``; a bare ``"0"`` would match every ``*.0`` block).
+
+    Example:
+        >>> target_name("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0")
+        'to_out.0'
+    """
+    parts = key.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def exact_patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """``rank_pattern`` / ``alpha_pattern`` with exact module paths for the modules whose value is
+    not ``default``, which resolve to ``values`` both by lorakit's rule (exact key first) and by
+    PEFT's (the first ``(.*\\.)?(pattern)$`` match in order): a module whose path ends with
+    ``.<written path>`` is listed too, and deeper paths come first.
+
+    Example:
+        >>> exact_patterns({"a.q": 4, "x.a.q": 8, "b.q": 8}, 8)
+        {'x.a.q': 8, 'a.q': 4}
+    """
+    out = {k: v for k, v in values.items() if v != default}
+    for k, v in values.items():
+        if k not in out and any(k.endswith("." + p) for p in out):
+            out[k] = v
+    return dict(sorted(out.items(), key=lambda kv: -kv[0].count(".")))
 
 
 def number(x: float) -> int | float:

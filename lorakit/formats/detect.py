@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lorakit.errors import ConfigMismatchError, InputNotFoundError, UnknownLayoutError
 from lorakit.formats import diffusers, kohya
+from lorakit.formats.common import check_variants
 from lorakit.formats.peft import CONFIG_NAME
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -20,6 +21,7 @@ def classify_keys(keys: list[str], path: Path | str) -> tuple[str, str]:
     """``(format, layout)`` for a weights file's keys (no config beside it)."""
     if not keys:
         raise InputNotFoundError("weights file holds no tensors", path=path)
+    check_variants(keys, path)  # LoHa/LoKr/OFT/... are named even when no LoRA key is present
     if layout := kohya.classify(keys):
         return "kohya", layout
     if any(k.startswith("base_model.model.") for k in keys):

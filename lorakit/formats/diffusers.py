@@ -38,8 +38,10 @@ from lorakit.formats.common import (
     cast,
     check_variants,
     common_value,
+    exact_patterns,
     number,
     scalar_value,
+    target_name,
 )
 from lorakit.io import write_safetensors
 from lorakit.naming import COMPONENTS, split_component
@@ -153,10 +155,21 @@ def _metadata_rslora(meta: dict[str, str]) -> bool:
         k.endswith("use_rslora") and v is True for k, v in cfg.items())
 
 
+def _recorded_extras(meta: dict[str, str]) -> list[str]:
+    """Keys of non-LoRA tensors lorakit stored in the file (``lorakit.extras`` metadata)."""
+    try:
+        keys = json.loads(meta.get("lorakit.extras") or "[]")
+    except json.JSONDecodeError:
+        return []
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+
+
 def load_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
                    layout: str) -> Adapter:
     """Build an Adapter from a diffusers state dict already read from ``path``."""
     check_variants(list(tensors), path)
+    extras = {k: tensors[k] for k in _recorded_extras(meta) if k in tensors}
+    tensors = {k: t for k, t in tensors.items() if k not in extras}
     parts, alpha_t = _parse(tensors, layout, path)
     if not parts:
         raise UnknownLayoutError("no LoRA tensors found", path=path)
@@ -170,8 +183,9 @@ def load_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str,
                                   key=stray[0] + ".alpha")
     modules = build_modules(parts, alphas, path, rslora=_metadata_rslora(meta))
     base = meta.get("lorakit.base_model") or None
-    return Adapter(modules=modules, source_format="diffusers", layout=layout, base_model=base,
-                   metadata=dict(meta), source=str(path), component_prefix=prefixed)
+    return Adapter(modules=modules, extras=extras, source_format="diffusers", layout=layout,
+                   base_model=base, metadata=dict(meta), source=str(path),
+                   component_prefix=prefixed)
 
 
 def _component_config(adapter: Adapter, keys: list[str], strip: bool) -> dict[str, Any]:
@@ -184,9 +198,10 @@ def _component_config(adapter: Adapter, keys: list[str], strip: bool) -> dict[st
     r, alpha = common_value(ranks, 4), common_value(alphas, 4.0)
     return {
         "r": int(r), "lora_alpha": number(alpha),
-        "rank_pattern": {s: rk for s, rk in zip(sub, ranks) if rk != r},
-        "alpha_pattern": {s: number(a) for s, a in zip(sub, alphas) if a != alpha},
-        "target_modules": sorted({s.rsplit(".", 1)[-1] for s in sub}),
+        "rank_pattern": exact_patterns(dict(zip(sub, ranks, strict=True)), r),
+        "alpha_pattern": {s: number(a) for s, a in
+                          exact_patterns(dict(zip(sub, alphas, strict=True)), alpha).items()},
+        "target_modules": sorted({target_name(s) for s in sub}),
         "use_rslora": rslora, "use_dora": any(m.magnitude is not None for m in mods),
         "lora_bias": any(m.bias is not None for m in mods),
     }
@@ -229,6 +244,8 @@ def save_diffusers(adapter: Adapter, file: Path, *, dtype: torch.dtype | None = 
         meta.update({k: v for k, v in adapter.metadata.items() if not k.startswith("lorakit.")})
     meta[METADATA_KEY] = json.dumps(diffusers_metadata(adapter), indent=2, sort_keys=True)
     meta["lorakit.components"] = json.dumps(adapter.components())
+    if adapter.extras:  # non-LoRA tensors (heads): named so the reader keeps them as extras
+        meta["lorakit.extras"] = json.dumps(sorted(adapter.extras))
     if provenance:
         meta["lorakit.provenance"] = json.dumps(provenance, sort_keys=True)
     if adapter.base_model:

@@ -119,6 +119,8 @@ def kohya_tensors(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, torc
         alpha_t = torch.tensor(alpha, dtype=wd)
         if float(alpha_t.item()) != alpha:
             alpha_t = torch.tensor(alpha, dtype=torch.float32)
+        if float(alpha_t.item()) != alpha:  # e.g. a folded AdaLoRA or rsLoRA alpha: keep it exact
+            alpha_t = torch.tensor(alpha, dtype=torch.float64)
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = alpha_t

@@ -40,7 +40,15 @@ from lorakit.errors import (
     UnknownLayoutError,
     UnsupportedVariantError,
 )
-from lorakit.formats.common import build_modules, cast, check_variants, common_value, number
+from lorakit.formats.common import (
+    build_modules,
+    cast,
+    check_variants,
+    common_value,
+    exact_patterns,
+    number,
+    target_name,
+)
 from lorakit.io import read_json, read_pickle, read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -279,7 +287,7 @@ def build_config(adapter: Adapter) -> dict[str, Any]:
     alphas = {k: _peft_alpha(m, rslora) for k, m in adapter.modules.items()}
     r = common_value(list(ranks.values()), 8)
     alpha = common_value(list(alphas.values()), float(r))
-    targets = sorted({k.rsplit(".", 1)[-1] for k in adapter.modules})
+    targets = sorted({target_name(k) for k in adapter.modules})
     base = config or {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
@@ -298,8 +306,8 @@ def build_config(adapter: Adapter) -> dict[str, Any]:
         "base_model_name_or_path": adapter.base_model,
         "r": int(r),
         "lora_alpha": number(alpha),
-        "rank_pattern": {k: v for k, v in ranks.items() if v != r},
-        "alpha_pattern": {k: number(v) for k, v in alphas.items() if v != alpha},
+        "rank_pattern": exact_patterns(ranks, r),
+        "alpha_pattern": {k: number(v) for k, v in exact_patterns(alphas, alpha).items()},
         "use_rslora": rslora,
         "use_dora": adapter.is_dora,
         "lora_bias": any(m.bias is not None for m in adapter.modules.values()),

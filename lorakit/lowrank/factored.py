@@ -5,7 +5,8 @@
 ``A A^T = V_a L_a V_a^T`` (``R x R``), ``B = Q_b (L_b^1/2 V_b^T)`` and ``A = (V_a L_a^1/2) Q_a^T``
 with orthonormal ``Q_b = B V_b L_b^-1/2`` and ``Q_a = A^T V_a L_a^-1/2``. The core
 ``C = L_b^1/2 V_b^T V_a L_a^1/2`` is ``R x R``; its SVD ``C = U_c S V_c^T`` gives
-``M = (Q_b U_c) S (Q_a V_c)^T``. Cost: two ``R x R`` Gram products per factor, two small
+``M = (Q_b U_c) S (Q_a V_c)^T``. (Implemented with the equivalent ``eigh`` of
+``L_b^1/2 V_b^T (A A^T) V_b L_b^1/2``, which avoids the second whitening and the core SVD.) Cost: two ``R x R`` Gram products per factor, two small
 decompositions and two skinny back-projections, ``O((out + in) R^2)``, instead of the
 ``O(out * in * min(out, in))`` dense SVD. Directions with Gram eigenvalues below
 ``GRAM_RTOL * max`` (rank-deficient or all-zero factors) are dropped, so no NaN appears.
@@ -59,33 +60,44 @@ def _whiten(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Core(NamedTuple):
     """The small part of a batched factored SVD: enough to back-project any number of triplets."""
 
-    ib: torch.Tensor  # (n, R, R): Q_b = B @ ib
-    ia: torch.Tensor  # (n, R, R): Q_a = A^T @ ia
-    uc: torch.Tensor  # (n, R, R) left singular vectors of the core
+    left: torch.Tensor  # (n, R, R): U = B @ left[..., :k]
     S: torch.Tensor  # (n, R) singular values, descending, float64
-    vch: torch.Tensor  # (n, R, R) right singular vectors of the core (rows)
+    right: torch.Tensor  # (n, R, R): Vh = right[..., :k, :] @ A
 
 
 def factored_core(b: torch.Tensor, a: torch.Tensor, coeffs: torch.Tensor | None = None
                   ) -> Core:
-    """Gram products of ``b (n, out, R)`` and ``a (n, R, in)``, whitening and the core SVD."""
+    """Gram products of ``b (n, out, R)`` and ``a (n, R, in)`` and two small eigh's.
+
+    With ``B = Q_b rb`` (whitening of ``B^T B``), ``c B A = c Q_b C`` where ``C = rb A`` has Gram
+    ``C C^T = rb (A A^T) rb^T = W diag(sigma^2) W^T``; so ``U = Q_b W = B ib W``,
+    ``S = |c| sigma`` and ``Vh = sign(c) sigma^-1 W^T rb A``. Null directions get zero rows.
+    """
     gb = (b.mT @ b).double()  # (n, R, R)
     ga = (a @ a.mT).double()  # (n, R, R)
-    rb, ib = _whiten(gb)  # B = Q_b rb,   Q_b = B ib
-    ra, ia = _whiten(ga)  # A^T = Q_a ra, Q_a = A^T ia
-    core = rb @ ra.mT  # (n, R, R)
-    if coeffs is not None:
-        core = core * coeffs.to(device=core.device, dtype=core.dtype).reshape(-1, 1, 1)
-    uc, s, vch = torch.linalg.svd(core)  # (n, R, R), (n, R), (n, R, R)
-    return Core(ib, ia, uc, s, vch)
+    rb, ib = _whiten(gb)  # B = (B ib) rb
+    k_gram = rb @ ga @ rb.mT  # (n, R, R) = C C^T
+    lam, w = torch.linalg.eigh(k_gram)  # ascending
+    lam, w = lam.flip(-1), w.flip(-1)  # descending
+    sigma = lam.clamp_min(0).sqrt()  # (n, R)
+    top = sigma[..., :1]
+    alive = (sigma > 1e-7 * top) & (top > 0)  # beyond float64 Gram precision: treat as null
+    inv = torch.where(alive, 1.0 / torch.where(alive, sigma, torch.ones_like(sigma)),
+                      torch.zeros_like(sigma))
+    c = (torch.ones(sigma.shape[0], dtype=sigma.dtype, device=sigma.device) if coeffs is None
+         else coeffs.to(device=sigma.device, dtype=sigma.dtype))
+    s = torch.where(alive, sigma, torch.zeros_like(sigma)) * c.abs().reshape(-1, 1)
+    left = ib @ w  # (n, R, R)
+    right = (inv * torch.sign(c).reshape(-1, 1)).unsqueeze(-1) * (w.mT @ rb)  # (n, R, R)
+    return Core(left, s, right)
 
 
 def back_project(core: Core, b: torch.Tensor, a: torch.Tensor, rank: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-``rank`` ``U (n, out, k)`` and ``Vh (n, k, in)`` in ``b``'s dtype."""
     k = max(0, min(rank, core.S.shape[-1]))
-    left = (core.ib @ core.uc[..., :k]).to(b.dtype)  # (n, R, k)
-    right = (core.vch[..., :k, :] @ core.ia.mT).to(a.dtype)  # (n, k, R)
+    left = core.left[..., :k].to(b.dtype)  # (n, R, k)
+    right = core.right[..., :k, :].to(a.dtype)  # (n, k, R)
     return b @ left, right @ a  # (n, out, k), (n, k, in)
 
 

@@ -36,15 +36,20 @@ def magnitude_threshold(values: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each task's top-``density`` entries by magnitude; ``tau (n, ...)``."""
+    """Keep each task's top-``density`` entries by magnitude; ``tau (n, ...)``.
+
+    The cut is the k-th largest magnitude found by selection (``kthvalue``, linear time), so
+    entries tied with it are kept too (measure-zero for real-valued updates).
+    """
     out = torch.zeros_like(tau)
     for i in range(tau.shape[0]):
-        t = tau[i]
-        k = int(round(density * t.numel()))
+        flat = tau[i].reshape(-1)
+        k = int(round(density * flat.numel()))
         if k <= 0:
             continue
-        idx = torch.topk(t.abs().reshape(-1), min(k, t.numel()), sorted=False).indices
-        out[i].view(-1)[idx] = t.reshape(-1)[idx]
+        mag = flat.abs()
+        cut = torch.kthvalue(mag, flat.numel() - k + 1).values if k < flat.numel() else 0.0
+        out[i] = torch.where(tau[i].abs() >= cut, tau[i], torch.zeros_like(tau[i]))
     return out
 
 
