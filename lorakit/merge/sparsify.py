@@ -35,11 +35,35 @@ def magnitude_threshold(values: torch.Tensor, density: float) -> torch.Tensor:
     return torch.topk(flat, k, sorted=False).values.min()
 
 
+def kth_largest(mag: torch.Tensor, k: int, sample: int = 1 << 13) -> torch.Tensor:
+    """The exact ``k``-th largest value of the 1-D ``mag`` (``1 <= k <= numel``).
+
+    A seeded sample brackets the answer, so the exact selection (``kthvalue``) runs only on the
+    few values inside the bracket; if the bracket misses, the full selection runs instead.
+    """
+    n = mag.numel()
+    if n <= 4 * sample:
+        return torch.kthvalue(mag, n - k + 1).values
+    g = torch.Generator(device="cpu").manual_seed(n)
+    idx = torch.randint(0, n, (sample,), generator=g).to(mag.device)
+    probe = mag[idx]  # (sample,)
+    q = 1.0 - k / n
+    margin = 5.0 / sample ** 0.5
+    lo = torch.kthvalue(probe, max(1, int((q - margin) * sample))).values
+    hi = torch.kthvalue(probe, min(sample, int((q + margin) * sample) + 1)).values
+    above = int((mag > hi).sum())
+    band = mag[(mag >= lo) & (mag <= hi)]
+    need = k - above  # rank of the answer inside the band, counted from the top
+    if 1 <= need <= band.numel():
+        return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(mag, n - k + 1).values
+
+
 def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep each task's top-``density`` entries by magnitude; ``tau (n, ...)``.
 
-    The cut is the k-th largest magnitude found by selection (``kthvalue``, linear time), so
-    entries tied with it are kept too (measure-zero for real-valued updates).
+    The cut is the exact k-th largest magnitude (:func:`kth_largest`); entries tied with it are
+    kept too (measure-zero for real-valued updates).
     """
     out = torch.zeros_like(tau)
     for i in range(tau.shape[0]):
@@ -48,7 +72,7 @@ def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
         if k <= 0:
             continue
         mag = flat.abs()
-        cut = torch.kthvalue(mag, flat.numel() - k + 1).values if k < flat.numel() else 0.0
+        cut = kth_largest(mag, k) if k < flat.numel() else mag.new_tensor(0.0)
         out[i] = torch.where(tau[i].abs() >= cut, tau[i], torch.zeros_like(tau[i]))
     return out
 

@@ -122,3 +122,13 @@ def test_ties_low_rank_output_is_truncation_of_dense_result():
     s = np.linalg.svd(want, compute_uv=False)
     err = np.linalg.norm(_full_rank_delta(merged) - want)
     assert err <= np.sqrt((s[3:] ** 2).sum()) * 1.01 + 1e-5
+
+
+@pytest.mark.parametrize("n,k", [(300_000, 1), (300_000, 60_000), (1_000_003, 999_999),
+                                 (500_000, 500_000)])
+def test_kth_largest_is_exact(n, k):
+    from lorakit.merge.sparsify import kth_largest
+
+    mag = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    want = torch.sort(mag, descending=True).values[k - 1]
+    assert float(kth_largest(mag, k)) == float(want)
