@@ -86,7 +86,7 @@ def _fill(mods: list[LoraModule], b: torch.Tensor, a: torch.Tensor) -> torch.Ten
 
 
 def _run(adapter: Adapter, device: torch.device, rank_of: Callable[[str, torch.Tensor], int],
-         progress, keep_factors: bool) -> dict[str, tuple]:
+         progress, keep_factors: bool, dtype: torch.dtype | None = None) -> dict[str, tuple]:
     """Per module: the spectrum S and, if ``keep_factors``, the top ``rank_of(key, S)`` triplets.
 
     Modules are batched by shape in chunks of ``CHUNK_ELEMENTS`` factor entries through buffers
@@ -115,14 +115,17 @@ def _run(adapter: Adapter, device: torch.device, rank_of: Callable[[str, torch.T
             ks = [max(1, min(rank_of(k, s_cpu[j]), r)) for j, k in enumerate(chunk)]
             u, vh = back_project(core, b, a, max(ks))
             for j, k in enumerate(chunk):
-                out[k] = (u[j, :, :ks[j]].cpu(), s_cpu[j], vh[j, :ks[j]].cpu())
+                m = adapter.modules[k]
+                # built right away in the output dtype: no float32 U/V outlive their chunk
+                new = _new_module(m, u[j], s_cpu[j], vh[j], ks[j], dtype or m.dtype)
+                out[k] = (new, s_cpu[j])
                 if progress:
                     progress(k)
     return out
 
 
 def _new_module(m: LoraModule, u, s, vh, k: int, dtype: torch.dtype) -> LoraModule:
-    root = s[:k].clamp_min(0).sqrt().to(u.dtype)  # (k,)
+    root = s[:k].clamp_min(0).sqrt().to(device=u.device, dtype=u.dtype)  # (k,)
     up = (u[:, :k] * root).to("cpu", dtype)  # (out, k)
     down = (root[:, None] * vh[:k]).to("cpu", dtype)  # (k, in*kh*kw)
     if m.kind is ModuleKind.CONV:
@@ -169,13 +172,13 @@ def resize(adapter: Adapter, policy: RankPolicy, *, device: str = "auto",
                 path=adapter.source, key=key)
     dev = resolve_device(device)
     results = _run(adapter, dev, _rank_fn(adapter, policy, dev, progress), progress,
-                   keep_factors=True)
+                   keep_factors=True, dtype=dtype)
     report = ResizeReport(params_before=adapter.num_params())
     modules: dict[str, LoraModule] = {}
     for key, m in adapter.modules.items():
-        u, s, vh = results[key]
-        k = int(u.shape[1])
-        modules[key] = _new_module(m, u, s, vh, k, dtype or m.dtype)
+        new, s = results[key]
+        k = new.rank
+        modules[key] = new
         e = s.double().pow(2)
         total = float(e.sum())
         dropped = float(e[k:].sum())  # summed directly: no cancellation when little is dropped
