@@ -47,10 +47,11 @@ _COMPOUND = {
     "double_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
     "pos_embed", "patch_embed", "caption_projection", "adaln_single", "attn_out",
     "resnets", "attentions", "downsamplers", "upsamplers",
-    # LLM families: T5 v1.1 / Flan-T5 gated FFN, Phi-3, Mixtral, Qwen2-MoE, GPT-J, Whisper/BART,
-    # Mamba, CLIP vision
+    # LLM families: T5 v1.1 / Flan-T5 gated FFN, Phi-3, Mixtral, Qwen2-MoE, GPT-J, GPT-NeoX,
+    # Whisper/BART, Mamba, CLIP vision, LLaVA-style wrappers
     "wi_0", "wi_1", "qkv_proj", "gate_up_proj", "block_sparse_moe", "shared_expert", "fc_in",
-    "fc_out", "encoder_attn", "in_proj", "x_proj", "dt_proj", "vision_model",
+    "fc_out", "gpt_neox", "encoder_attn", "in_proj", "x_proj", "dt_proj", "vision_model",
+    "language_model", "vision_tower", "multi_modal_projector",
 }
 _MAX_WORDS = 4
 

@@ -242,7 +242,8 @@ def save_diffusers(adapter: Adapter, file: Path, *, dtype: torch.dtype | None = 
     meta: dict[str, str] = {"format": "pt"}
     if adapter.source_format == "diffusers":
         meta.update({k: v for k, v in adapter.metadata.items() if not k.startswith("lorakit.")})
-    meta[METADATA_KEY] = json.dumps(diffusers_metadata(adapter), indent=2, sort_keys=True)
+    # top-level keys sorted; pattern dicts keep their order (PEFT matches patterns in order)
+    meta[METADATA_KEY] = json.dumps(dict(sorted(diffusers_metadata(adapter).items())), indent=2)
     meta["lorakit.components"] = json.dumps(adapter.components())
     if adapter.extras:  # non-LoRA tensors (heads): named so the reader keeps them as extras
         meta["lorakit.extras"] = json.dumps(sorted(adapter.extras))

@@ -361,5 +361,6 @@ def save_peft(adapter: Adapter, folder: Path, *, dtype: torch.dtype | None = Non
         write_safetensors(folder / WEIGHT_NAMES[0], tensors, meta)
     except Exception as e:  # shared storage between tensors, etc.
         raise CorruptFileError(f"cannot write safetensors ({e})", path=folder) from e
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # top-level keys sorted; pattern dicts keep their order (PEFT matches patterns in order)
+    (folder / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     (folder / "README.md").write_text(model_card(adapter, provenance))

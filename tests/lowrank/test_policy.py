@@ -56,7 +56,7 @@ def test_sv_ratio_is_minimal(s, v):
 def test_threshold_is_minimal(s, v):
     k = select_rank(s, RankPolicy.from_options(threshold=v))
     arr = s.numpy()
-    brute = next((j for j in range(0, len(arr) + 1) if _meets(arr, j, "threshold", v)))
+    brute = next(j for j in range(0, len(arr) + 1) if _meets(arr, j, "threshold", v))
     assert k == max(1, brute)
 
 
