@@ -24,10 +24,8 @@ import torch
 from lorakit.adapter import Adapter, LoraModule, ModuleKind
 from lorakit.errors import UnsupportedVariantError
 from lorakit.lowrank import RankPolicy, allocate_budget, select_rank
+from lorakit.lowrank.batched import truncated_sums
 from lorakit.lowrank.device import resolve_device
-
-CHUNK_ELEMENTS = 1 << 22  # factor elements per batched call (bounds the work memory)
-FLOAT64_BELOW = 1 << 18  # modules with fewer factor elements are decomposed in float64
 
 
 @dataclass
@@ -64,92 +62,33 @@ class ResizeReport:
         }
 
 
-def _groups(adapter: Adapter) -> dict[tuple, list[str]]:
-    """Module keys grouped by (update shape, rank, kind) so each group is one batched call."""
-    groups: dict[tuple, list[str]] = {}
-    for key, m in adapter.modules.items():
-        sig = (m.out_features, m.down_matrix().shape[1], m.rank, m.kind.value)
-        groups.setdefault(sig, []).append(key)
-    return groups
+def _terms(adapter: Adapter) -> dict[str, list]:
+    return {k: [(m.up_matrix(), m.down_matrix(), m.scale)] for k, m in adapter.modules.items()}
 
 
-def _chunks(keys: list[str], per: int) -> list[list[str]]:
-    return [keys[i:i + per] for i in range(0, len(keys), per)]
-
-
-def _fill(mods: list[LoraModule], b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Copy factors into reused work buffers ``b (n, out, r)``, ``a (n, r, in*k)``; scales."""
-    for j, m in enumerate(mods):
-        b[j].copy_(m.up_matrix())  # converts in the copy: one pass, no temporaries
-        a[j].copy_(m.down_matrix())
-    return torch.tensor([m.scale for m in mods], dtype=torch.float64)
-
-
-def _run(adapter: Adapter, device: torch.device, rank_of: Callable[[str, torch.Tensor], int],
-         progress, keep_factors: bool, dtype: torch.dtype | None = None) -> dict[str, tuple]:
-    """Per module: the spectrum S and, if ``keep_factors``, the top ``rank_of(key, S)`` triplets.
-
-    Modules are batched by shape in chunks of ``CHUNK_ELEMENTS`` factor entries through buffers
-    reused across chunks; only the kept columns of U and V survive a chunk, so peak memory stays
-    near the input plus one chunk.
-    """
-    from lorakit.lowrank.factored import back_project, factored_core
-
-    out: dict[str, tuple] = {}
-    for (o, i, r, _), keys in _groups(adapter).items():
-        per = max(1, CHUNK_ELEMENTS // max(1, (o + i) * r))
-        # small modules: float64 everywhere (exact spectra and reports, negligible cost); large
-        # ones: float32 tall products (2-3x faster; truncation error still within 1e-6)
-        wd = torch.float64 if (o + i) * r <= FLOAT64_BELOW else torch.float32
-        bufs = (torch.empty(min(per, len(keys)), o, r, device=device, dtype=wd),
-                torch.empty(min(per, len(keys)), r, i, device=device, dtype=wd))
-        for chunk in _chunks(keys, per):
-            n = len(chunk)
-            b, a = bufs[0][:n], bufs[1][:n]
-            scales = _fill([adapter.modules[k] for k in chunk], b, a)
-            core = factored_core(b, a, scales)
-            s_cpu = core.S.cpu()
-            if not keep_factors:
-                out.update({k: (None, s_cpu[j], None) for j, k in enumerate(chunk)})
-                continue
-            ks = [max(1, min(rank_of(k, s_cpu[j]), r)) for j, k in enumerate(chunk)]
-            u, vh = back_project(core, b, a, max(ks))
-            for j, k in enumerate(chunk):
-                m = adapter.modules[k]
-                # built right away in the output dtype: no float32 U/V outlive their chunk
-                new = _new_module(m, u[j], s_cpu[j], vh[j], ks[j], dtype or m.dtype)
-                out[k] = (new, s_cpu[j])
-                if progress:
-                    progress(k)
-    return out
-
-
-def _new_module(m: LoraModule, u, s, vh, k: int, dtype: torch.dtype) -> LoraModule:
-    root = s[:k].clamp_min(0).sqrt().to(device=u.device, dtype=u.dtype)  # (k,)
-    up = (u[:, :k] * root).to("cpu", dtype)  # (out, k)
-    down = (root[:, None] * vh[:k]).to("cpu", dtype)  # (k, in*kh*kw)
+def _module(m: LoraModule, up: torch.Tensor, down: torch.Tensor) -> LoraModule:
+    """A scale-1 module (``alpha = k``) from balanced matrix factors, in ``m``'s layout."""
+    k = down.shape[0]
     if m.kind is ModuleKind.CONV:
-        up = up.reshape(up.shape[0], k, 1, 1)
-        down = down.reshape(k, *m.down.shape[1:])
-    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(k), kind=m.kind,
-                      bias=m.bias)
+        up, down = up.reshape(up.shape[0], k, 1, 1), down.reshape(k, *m.down.shape[1:])
+    return LoraModule(down=down, up=up, alpha=float(k), kind=m.kind, bias=m.bias)
 
 
-def _rank_fn(adapter: Adapter, policy: RankPolicy, device: torch.device, progress
+def _rank_fn(adapter: Adapter, policy: RankPolicy, device: torch.device
              ) -> Callable[[str, torch.Tensor], int]:
     """How many triplets each module keeps (a budget needs every spectrum first)."""
     if policy.is_budget:
-        spectra = _run(adapter, device, lambda k, s: 0, None, keep_factors=False)
+        spectra = truncated_sums(_terms(adapter), None, device=device)
         costs = {k: m.out_features + m.down_matrix().shape[1]
                  for k, m in adapter.modules.items()}
         budget = policy.budget_params(adapter.num_params())
-        ranks = allocate_budget({k: v[1] for k, v in spectra.items()}, costs, budget)
+        ranks = allocate_budget({k: v.S for k, v in spectra.items()}, costs, budget)
         return lambda key, s: ranks[key]
 
     def per_module(key: str, s: torch.Tensor) -> int:
         m = adapter.modules[key]
         p = policy.for_conv() if (m.kind is ModuleKind.CONV and m.kernel != (1, 1)) else policy
-        return select_rank(s, p)
+        return min(select_rank(s, p), m.rank)
 
     return per_module
 
@@ -171,15 +110,17 @@ def resize(adapter: Adapter, policy: RankPolicy, *, device: str = "auto",
                 "DoRA module: resizing changes the direction its magnitude vector normalises",
                 path=adapter.source, key=key)
     dev = resolve_device(device)
-    results = _run(adapter, dev, _rank_fn(adapter, policy, dev, progress), progress,
-                   keep_factors=True, dtype=dtype)
+    results = truncated_sums(_terms(adapter), _rank_fn(adapter, policy, dev), device=dev,
+                             out_dtype=lambda key: dtype or adapter.modules[key].dtype,
+                             progress=progress)
     report = ResizeReport(params_before=adapter.num_params())
     modules: dict[str, LoraModule] = {}
     for key, m in adapter.modules.items():
-        new, s = results[key]
+        res = results[key]
+        new = _module(m, res.up, res.down)
         k = new.rank
         modules[key] = new
-        e = s.double().pow(2)
+        e = res.S.double().pow(2)
         total = float(e.sum())
         dropped = float(e[k:].sum())  # summed directly: no cancellation when little is dropped
         report._norm2[key] = total

@@ -27,7 +27,7 @@ def merge_dare_linear(aligned: dict[str, list[Term]], options: DareOptions, ctx:
                       ) -> dict[str, LoraModule]:
     """DARE drop/rescale, then the plain sum of tasks."""
 
-    def combine(tau: torch.Tensor, key: str, gen: torch.Generator) -> torch.Tensor:
+    def combine(tau: torch.Tensor, th, gen: torch.Generator) -> torch.Tensor:
         return dare_drop(tau, options.density, gen, options.rescale).sum(dim=0)
 
     return dense_merge(aligned, ctx, combine, options.lam)
@@ -37,7 +37,7 @@ def merge_dare_ties(aligned: dict[str, list[Term]], options: DareTiesOptions,
                     ctx: MergeContext) -> dict[str, LoraModule]:
     """DARE drop/rescale, then TIES sign election and disjoint merge."""
 
-    def combine(tau: torch.Tensor, key: str, gen: torch.Generator) -> torch.Tensor:
+    def combine(tau: torch.Tensor, th, gen: torch.Generator) -> torch.Tensor:
         dropped = dare_drop(tau, options.density, gen, options.rescale)
         return disjoint_merge(dropped, elect_sign(dropped, options.sign), options.disjoint)
 

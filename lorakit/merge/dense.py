@@ -1,13 +1,19 @@
 """The dense route for element-wise methods (TIES, DARE, magnitude pruning).
 
-These methods act on the entries of each task's full update, so each module's updates are
-materialised one module at a time (``tau (n_tasks, out, in*k)`` in float32), combined, and brought
-back to low rank by the engine's seeded randomized SVD with the rank policy (default: the largest
-input rank, as PEFT's ``ties_svd`` does). Peak memory is one module's dense updates.
+These methods act on the entries of each task's full update ``tau_i = w_i s_i B_i A_i``. Per
+module, lorakit (1) finds each task's magnitude threshold (one task's dense update at a time, or
+one threshold over all of a task's modules with ``scope=global``), (2) rebuilds the tasks' updates
+block of rows by block of rows from the factors, combines each block into the merged matrix
+``M (out, in*k)``, and (3) returns ``M`` to low rank by the engine's seeded randomized SVD and the
+rank policy (default: the largest input rank, as PEFT's ``ties_svd``). Peak memory is about two
+dense ``out x in`` float32 matrices, whatever the number of tasks.
 
-With a ``global`` trim scope the magnitude threshold of each task is taken over all its modules:
-exactly when the task has at most ``GLOBAL_SAMPLE`` entries in all, otherwise estimated from a
-seeded uniform sample of that many entries.
+DARE's keep-mask is drawn from one seeded generator, block by block in row order (a module small
+enough to fit one block draws exactly ``torch.rand((n_tasks, out, in))``).
+
+With ``scope=global`` the threshold of each task is taken over all its modules: exactly when the
+task has at most ``GLOBAL_SAMPLE`` entries in all, otherwise estimated from a seeded uniform
+sample of that many entries.
 
 Example:
     >>> lorakit.merge([a, b], "ties", density=0.2)   # doctest: +SKIP
@@ -23,25 +29,50 @@ from lorakit.adapter import LoraModule
 from lorakit.merge.align import Term
 from lorakit.merge.build import module_from_svd
 from lorakit.merge.options import MergeContext
+from lorakit.merge.sparsify import kth_largest
 
 GLOBAL_SAMPLE = 1 << 22
-Combine = Callable[[torch.Tensor, str, torch.Generator], torch.Tensor]
+BLOCK_ELEMENTS = 1 << 23  # entries of (n_tasks, rows, in) per block
+# combine(tau_block (n, rows, in), thresholds (n,) or None, generator) -> (rows, in)
+Combine = Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
 
 
-def dense_updates(terms: Sequence[Term], n_tasks: int, device: torch.device) -> torch.Tensor:
-    """``tau (n_tasks, out, in*k)``: each task's weighted update (zeros where it has none)."""
+def _factors(terms: Sequence[Term], device: torch.device):
+    """Per present task: (index, B (out, r) * coeff, A (r, in*k)) in float32 on ``device``."""
+    return [(t.index, t.module.up_matrix(torch.float32).to(device) * t.coeff,
+             t.module.down_matrix(torch.float32).to(device)) for t in terms]
+
+
+def dense_updates(terms: Sequence[Term], n_tasks: int, device: torch.device,
+                  rows: slice | None = None) -> torch.Tensor:
+    """``tau (n_tasks, rows, in*k)``: each task's weighted update (zeros where it has none)."""
     like = terms[0].module
-    out, inp = like.out_features, like.down_matrix().shape[1]
-    tau = torch.zeros(n_tasks, out, inp, dtype=torch.float32, device=device)
-    for t in terms:
-        b = t.module.up_matrix(torch.float32).to(device)  # (out, r)
-        a = t.module.down_matrix(torch.float32).to(device)  # (r, in*k)
-        tau[t.index] += t.coeff * (b @ a)
+    sl = rows or slice(0, like.out_features)
+    height = len(range(like.out_features)[sl])
+    tau = torch.zeros(n_tasks, height, like.down_matrix().shape[1], dtype=torch.float32,
+                      device=device)
+    for idx, b, a in _factors(terms, device):
+        tau[idx] += b[sl] @ a
     return tau
 
 
+def task_thresholds(terms: Sequence[Term], n_tasks: int, density: float,
+                    device: torch.device) -> torch.Tensor:
+    """Per task, the magnitude of its ``density * numel``-th largest entry in this module."""
+    out = torch.full((n_tasks,), float("inf"), dtype=torch.float32)
+    for idx, b, a in _factors(terms, device):
+        mag = (b @ a).abs_().reshape(-1)  # one task's dense update at a time
+        k = int(round(density * mag.numel()))
+        if k >= mag.numel():
+            out[idx] = 0.0
+        elif k > 0:
+            out[idx] = float(kth_largest(mag, k))
+        del mag
+    return out
+
+
 def global_thresholds(aligned: dict[str, list[Term]], n_tasks: int, density: float,
-                      device: torch.device, seed: int) -> list[float]:
+                      device: torch.device, seed: int) -> torch.Tensor:
     """Per-task magnitude threshold over all modules (exact or sampled, see module docs)."""
     g = torch.Generator().manual_seed(seed)
     total = sum(terms[0].module.out_features * terms[0].module.down_matrix().shape[1]
@@ -49,23 +80,36 @@ def global_thresholds(aligned: dict[str, list[Term]], n_tasks: int, density: flo
     frac = min(1.0, GLOBAL_SAMPLE / max(total, 1))
     samples: list[list[torch.Tensor]] = [[] for _ in range(n_tasks)]
     for terms in aligned.values():
-        tau = dense_updates(terms, n_tasks, device).abs().reshape(n_tasks, -1).cpu()
-        if frac < 1.0:
-            keep = torch.rand(tau.shape[1], generator=g) < frac
-            tau = tau[:, keep]
-        for i in range(n_tasks):
-            samples[i].append(tau[i])
-    out = []
+        numel = terms[0].module.out_features * terms[0].module.down_matrix().shape[1]
+        keep = torch.rand(numel, generator=g) < frac if frac < 1.0 else None
+        present = {idx for idx, _, _ in _factors(terms, device)}
+        for idx, b, a in _factors(terms, device):
+            mag = (b @ a).abs_().reshape(-1).cpu()
+            samples[idx].append(mag if keep is None else mag[keep])
+        for idx in set(range(n_tasks)) - present:  # a missing module is zeros for that task
+            n = numel if keep is None else int(keep.sum())
+            samples[idx].append(torch.zeros(n))
+    out = torch.full((n_tasks,), float("inf"), dtype=torch.float32)
     for i in range(n_tasks):
         v = torch.cat(samples[i])
         k = int(round(density * v.numel()))
-        out.append(float("inf") if k <= 0 else float(torch.topk(v, k, sorted=False).values.min()))
+        if k >= v.numel():
+            out[i] = 0.0
+        elif k > 0:
+            out[i] = float(kth_largest(v, k))
     return out
 
 
+def apply_thresholds(tau: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+    """Zero the entries of ``tau (n, rows, in)`` below each task's threshold ``th (n,)``."""
+    keep = tau.abs() >= th.to(tau.device).reshape(-1, 1, 1)
+    return tau.mul_(keep)
+
+
 def dense_merge(aligned: dict[str, list[Term]], ctx: MergeContext, combine: Combine,
-                lam: float = 1.0) -> dict[str, LoraModule]:
-    """Run ``combine(tau, key, generator) -> merged (out, in*k)`` per module, then low rank."""
+                lam: float = 1.0, thresholds: Callable[[str, list[Term]], torch.Tensor | None]
+                | None = None) -> dict[str, LoraModule]:
+    """Blockwise ``combine`` per module, then back to low rank (see the module docstring)."""
     from lorakit.lowrank.device import resolve_device
     from lorakit.lowrank.randomized import randomized_svd
     from lorakit.merge.exact import choose_ranks
@@ -73,25 +117,33 @@ def dense_merge(aligned: dict[str, list[Term]], ctx: MergeContext, combine: Comb
     device = resolve_device(ctx.device)
     n = 1 + max(t.index for terms in aligned.values() for t in terms)
     gen = torch.Generator(device="cpu").manual_seed(ctx.seed)
-    results = {}
-    cap_of = {}
+    likes = {k: t[0].module for k, t in aligned.items()}
+    out = {}
     for key, terms in aligned.items():
         ctx.tick(key)
-        merged = lam * combine(dense_updates(terms, n, device), key, gen)  # (out, in*k)
+        like = likes[key]
+        o, i = like.out_features, like.down_matrix().shape[1]
+        th = thresholds(key, terms) if thresholds else None
+        merged = torch.empty(o, i, dtype=torch.float32, device=device)  # (out, in*k)
+        rows = max(1, BLOCK_ELEMENTS // max(1, n * i))
+        for r0 in range(0, o, rows):
+            sl = slice(r0, min(o, r0 + rows))
+            merged[sl] = combine(dense_updates(terms, n, device, sl), th, gen)
+        if lam != 1.0:
+            merged.mul_(lam)
         cap = max(t.module.rank for t in terms)
-        if ctx.policy is not None and not ctx.policy.is_fixed:
-            cap = min(min(merged.shape), sum(t.module.rank for t in terms))
+        if ctx.policy is not None and ctx.policy.is_fixed:
+            cap = max(1, int(ctx.policy.rank))
         elif ctx.policy is not None:
-            cap = min(min(merged.shape), max(1, ctx.policy.rank or cap))
+            cap = sum(t.module.rank for t in terms)
+        cap = min(cap, o, i)
         u, s, vh = randomized_svd(merged, cap, seed=ctx.seed)
-        results[key] = (u, s, vh, float(merged.pow(2).sum()))
-        cap_of[key] = cap
-    likes = {k: t[0].module for k, t in aligned.items()}
-    ranks = choose_ranks({k: v[1] for k, v in results.items()}, likes, ctx.policy) \
-        if ctx.policy is not None else cap_of
-    out = {}
-    for key, (u, s, vh, _) in results.items():
-        k = max(1, min(ranks[key], s.numel()))
-        out[key] = module_from_svd(u[:, :k].cpu(), s[:k].cpu(), vh[:k].cpu(), likes[key],
-                                   ctx.out_dtype(aligned[key]))
+        del merged
+        if ctx.policy is not None and not ctx.policy.is_fixed:
+            k = choose_ranks({key: s.cpu()}, {key: like}, ctx.policy)[key]
+        else:
+            k = cap
+        k = max(1, min(k, s.numel()))
+        out[key] = module_from_svd(u[:, :k].cpu(), s[:k].cpu(), vh[:k].cpu(), like,
+                                   ctx.out_dtype(terms))
     return out

@@ -26,7 +26,7 @@ from lorakit.adapter import LoraModule, ModuleKind
 if TYPE_CHECKING:
     from lorakit.lowrank import RankPolicy
 from lorakit.merge.align import Term
-from lorakit.merge.build import module_from_svd
+from lorakit.merge.build import shape_factors
 from lorakit.merge.options import MergeContext
 
 NULL_RTOL = 1e-12
@@ -56,19 +56,34 @@ def _is_conv(m: LoraModule) -> bool:
 
 def truncate(aligned: dict[str, list[Term]], policy: RankPolicy | None, ctx: MergeContext
              ) -> dict[str, LoraModule]:
-    """Exact merge of every module, truncated by ``policy`` (None keeps the exact sum)."""
-    svds = {}
-    for key, terms in aligned.items():
-        ctx.tick(key)
-        svds[key] = exact_svd(terms, ctx.device)
-    ranks = choose_ranks({k: v.S for k, v in svds.items()},
-                         {k: t[0].module for k, t in aligned.items()}, policy)
+    """Exact merge of every module, truncated by ``policy`` (None keeps the exact sum).
+
+    Runs through the batched engine (:func:`lorakit.lowrank.batched.truncated_sums`): modules of
+    equal shape and term ranks are decomposed together, and only the kept factors are stored.
+    """
+    from lorakit.lowrank.batched import truncated_sums
+    from lorakit.lowrank.device import resolve_device
+
+    dev = resolve_device(ctx.device)
+    items = {k: [(t.module.up_matrix(), t.module.down_matrix(), t.coeff) for t in terms]
+             for k, terms in aligned.items()}
+    likes = {k: t[0].module for k, t in aligned.items()}
+    if policy is not None and policy.is_budget:
+        spectra = {k: v.S for k, v in truncated_sums(items, None, device=dev).items()}
+        fixed = choose_ranks(spectra, likes, policy)
+
+        def rank_of(key, s):
+            return fixed[key]
+    else:
+        def rank_of(key, s):
+            return choose_ranks({key: s}, {key: likes[key]}, policy)[key]
+
+    res = truncated_sums(items, rank_of, device=dev,
+                         out_dtype=lambda key: ctx.out_dtype(aligned[key]), progress=ctx.tick)
     out = {}
-    for key, svd in svds.items():
-        k = ranks[key]
-        like = aligned[key][0].module
-        out[key] = module_from_svd(svd.U[:, :k], svd.S[:k], svd.Vh[:k], like,
-                                   ctx.out_dtype(aligned[key]))
+    for key, r in res.items():
+        up, down = shape_factors(r.up, r.down, likes[key])
+        out[key] = LoraModule(down=down, up=up, alpha=float(down.shape[0]), kind=likes[key].kind)
     return out
 
 

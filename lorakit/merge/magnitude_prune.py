@@ -14,26 +14,32 @@ import torch
 
 from lorakit.adapter import LoraModule
 from lorakit.merge.align import Term
-from lorakit.merge.dense import dense_merge, global_thresholds
+from lorakit.merge.dense import (
+    apply_thresholds,
+    dense_merge,
+    global_thresholds,
+    task_thresholds,
+)
 from lorakit.merge.options import MagnitudePruneOptions, MergeContext, TrimScope
-from lorakit.merge.sparsify import trim_magnitude
 
 
 def merge_magnitude_prune(aligned: dict[str, list[Term]], options: MagnitudePruneOptions,
                           ctx: MergeContext) -> dict[str, LoraModule]:
     """Magnitude pruning per task, then the sum."""
-    thresholds = None
+    from lorakit.lowrank.device import resolve_device
+
+    device = resolve_device(ctx.device)
+    n = 1 + max(t.index for terms in aligned.values() for t in terms)
     if options.scope is TrimScope.GLOBAL:
-        from lorakit.lowrank.device import resolve_device
+        shared = global_thresholds(aligned, n, options.density, device, ctx.seed)
 
-        n = 1 + max(t.index for terms in aligned.values() for t in terms)
-        thresholds = global_thresholds(aligned, n, options.density,
-                                       resolve_device(ctx.device), ctx.seed)
+        def thresholds(key, terms):
+            return shared
+    else:
+        def thresholds(key, terms):
+            return task_thresholds(terms, n, options.density, device)
 
-    def combine(tau: torch.Tensor, key: str, gen: torch.Generator) -> torch.Tensor:
-        if thresholds is None:
-            return trim_magnitude(tau, options.density).sum(dim=0)
-        th = tau.new_tensor(thresholds).reshape(-1, *([1] * (tau.ndim - 1)))
-        return (tau * (tau.abs() >= th).to(tau.dtype)).sum(dim=0)
+    def combine(tau: torch.Tensor, th, gen: torch.Generator) -> torch.Tensor:
+        return apply_thresholds(tau, th).sum(dim=0)
 
-    return dense_merge(aligned, ctx, combine, options.lam)
+    return dense_merge(aligned, ctx, combine, options.lam, thresholds)

@@ -17,28 +17,34 @@ import torch
 
 from lorakit.adapter import LoraModule
 from lorakit.merge.align import Term
-from lorakit.merge.dense import dense_merge, global_thresholds
+from lorakit.merge.dense import (
+    apply_thresholds,
+    dense_merge,
+    global_thresholds,
+    task_thresholds,
+)
 from lorakit.merge.options import MergeContext, TiesOptions, TrimScope
-from lorakit.merge.sparsify import disjoint_merge, elect_sign, trim_magnitude
+from lorakit.merge.sparsify import disjoint_merge, elect_sign
 
 
 def merge_ties(aligned: dict[str, list[Term]], options: TiesOptions, ctx: MergeContext
                ) -> dict[str, LoraModule]:
     """TIES per module (see the module docstring)."""
-    thresholds = None
+    from lorakit.lowrank.device import resolve_device
+
+    device = resolve_device(ctx.device)
+    n = 1 + max(t.index for terms in aligned.values() for t in terms)
     if options.scope is TrimScope.GLOBAL:
-        from lorakit.lowrank.device import resolve_device
+        shared = global_thresholds(aligned, n, options.density, device, ctx.seed)
 
-        n = 1 + max(t.index for terms in aligned.values() for t in terms)
-        thresholds = global_thresholds(aligned, n, options.density,
-                                       resolve_device(ctx.device), ctx.seed)
+        def thresholds(key, terms):
+            return shared
+    else:
+        def thresholds(key, terms):
+            return task_thresholds(terms, n, options.density, device)
 
-    def combine(tau: torch.Tensor, key: str, gen: torch.Generator) -> torch.Tensor:
-        if thresholds is None:
-            trimmed = trim_magnitude(tau, options.density)
-        else:
-            th = tau.new_tensor(thresholds).reshape(-1, *([1] * (tau.ndim - 1)))
-            trimmed = tau * (tau.abs() >= th).to(tau.dtype)
+    def combine(tau: torch.Tensor, th, gen: torch.Generator) -> torch.Tensor:
+        trimmed = apply_thresholds(tau, th)
         return disjoint_merge(trimmed, elect_sign(trimmed, options.sign), options.disjoint)
 
-    return dense_merge(aligned, ctx, combine, options.lam)
+    return dense_merge(aligned, ctx, combine, options.lam, thresholds)
