@@ -51,7 +51,7 @@ def kth_largest(mag: torch.Tensor, k: int, sample: int = 1 << 13) -> torch.Tenso
     margin = 5.0 / sample ** 0.5
     lo = torch.kthvalue(probe, max(1, int((q - margin) * sample))).values
     hi = torch.kthvalue(probe, min(sample, int((q + margin) * sample) + 1)).values
-    above = int((mag > hi).sum())
+    above = int(torch.count_nonzero(mag > hi))
     band = mag[(mag >= lo) & (mag <= hi)]
     need = k - above  # rank of the answer inside the band, counted from the top
     if 1 <= need <= band.numel():
