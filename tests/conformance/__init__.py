@@ -1,0 +1,1 @@
+"""Conformance tests: PEFT / transformers load what lorakit writes, as real clients."""
