@@ -48,17 +48,19 @@ def _signature(terms: Sequence[TermT]) -> tuple:
     return (b0.shape[0], a0.shape[1], tuple(int(b.shape[1]) for b, _, _ in terms))
 
 
-def _fill(items: list[Sequence[TermT]], b: torch.Tensor, a: torch.Tensor) -> None:
-    """Copy every item's stacked factors into ``b (n, out, R)`` and ``a (n, R, in)``."""
+def _fill(items: list[Sequence[TermT]], b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Copy every item's stacked factors into ``b (n, out, R)`` and ``a (n, R, in)``; return the
+    per-column coefficients ``(n, R)`` (applied to the small Gram, not to the copies)."""
+    scale = torch.ones(b.shape[0], b.shape[2], dtype=torch.float64)
     for j, terms in enumerate(items):
         col = 0
         for up, down, c in terms:
             r = up.shape[1]
             b[j, :, col:col + r].copy_(up)  # converts dtype in the copy
-            if c != 1.0:
-                b[j, :, col:col + r].mul_(c)
             a[j, col:col + r].copy_(down)
+            scale[j, col:col + r] = c
             col += r
+    return scale
 
 
 def truncated_sums(items: dict[str, Sequence[TermT]],
@@ -89,8 +91,8 @@ def truncated_sums(items: dict[str, Sequence[TermT]],
         for start in range(0, len(keys), per):
             chunk = keys[start:start + per]
             b, a = bufs[0][:len(chunk)], bufs[1][:len(chunk)]
-            _fill([items[k] for k in chunk], b, a)
-            core = factored_core(b, a)
+            scale = _fill([items[k] for k in chunk], b, a)
+            core = factored_core(b, a, col_scale=scale)
             s_cpu = core.S.cpu()
             if rank_of is None:
                 out.update({k: Truncated(None, None, s_cpu[j]) for j, k in enumerate(chunk)})
