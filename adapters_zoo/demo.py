@@ -22,9 +22,9 @@ def run_cli(*args: str) -> None:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from adapters_zoo.make_demo_adapter import main as make
-
     import lorakit
+    from adapters_zoo.make_demo_adapter import build
+    from adapters_zoo.make_demo_adapter import main as make
 
     make(str(OUT / "demo_adapter"))
     run_cli("inspect", str(OUT / "demo_adapter"), "--max-rows", "12")
@@ -43,6 +43,12 @@ def main() -> None:
             worst = max(worst, float((d0 - d1).norm() / d0.norm()))
     print(f"max relative error of scale*B@A over {len(src.modules)} modules x 3 conversions: "
           f"{worst:.2e}")
+    run_cli("resize", str(OUT / "demo_adapter"), "-o", str(OUT / "demo_resized"), "--energy",
+            "0.99", "--force")
+    lorakit.save(build(seed=1), OUT / "demo_adapter_b", "peft", force=True)
+    run_cli("merge", str(OUT / "demo_adapter"), str(OUT / "demo_adapter_b"), "--method", "svd",
+            "--weights", "1,0.5", "-o", str(OUT / "demo_merged"), "--force")
+    run_cli("inspect", str(OUT / "demo_merged"), "--max-rows", "6")
 
 
 if __name__ == "__main__":
