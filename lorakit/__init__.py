@@ -6,11 +6,11 @@ Example:
     >>> lorakit.save(lorakit.convert(a, "kohya"), "out.safetensors")  # doctest: +SKIP
 """
 
+from lorakit import merge  # a callable package: lorakit.merge(...) runs merge.merge(...)
 from lorakit.adapter import Adapter, LoraModule, ModuleKind
 from lorakit.api import convert, load, save
 from lorakit.errors import LorakitError
 from lorakit.formats import Format
-from lorakit.merge import merge  # the function shadows the subpackage name on purpose
 
 
 def resize(*args, **kwargs):

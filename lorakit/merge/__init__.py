@@ -7,6 +7,8 @@ Example:
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
@@ -55,5 +57,16 @@ def merge(adapters: Sequence[Adapter], method: str = "linear",
                   if k not in ("rank_pattern", "alpha_pattern", "r", "lora_alpha")}
     return out
 
+
+class _CallableModule(types.ModuleType):
+    """``lorakit.merge`` is both this package and the :func:`merge` function: calling the
+    package calls the function, so ``lorakit.merge([a, b], "svd")`` and
+    ``import lorakit.merge.registry`` both work."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Adapter:
+        return merge(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["merge", "METHODS", "ExtrasPolicy", "get_method"]
