@@ -288,6 +288,57 @@ def extract_cmd(base: str, tuned: str, out: str, max_rank: int, non_lora: str, s
                    f"{len(report.skipped)} tensors skipped, {len(report.saved)} saved")
 
 
+@cli.command("squeeze")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--output", "out", required=True,
+              help="Output path (a folder when several sources are given).")
+@click.option("--to", "to", type=click.Choice(["peft", "diffusers", "kohya"]), default=None,
+              help="Output format (default: the input's).")
+@click.option("--method", type=click.Choice(["auto", "exact", "randomized"]), default="auto",
+              show_default=True, help="exact: SVD from the factors; randomized: the paper's "
+              "randomized SVD of the reconstructed update; auto: exact.")
+@click.option("--oversample", type=int, default=10, show_default=True,
+              help="Randomized SVD oversampling.")
+@click.option("--n-iter", type=int, default=2, show_default=True,
+              help="Randomized SVD power iterations.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Randomized SVD seed.")
+@rank_policy_options
+@device_option
+@click.option("--report", "report_file", default=None, help="Write the per-module report (JSON).")
+@common_write_options
+def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
+                oversample: int, n_iter: int, seed: int, device: str, report_file: str | None,
+                force: bool, dtype: str | None, quiet: bool, as_json: bool,
+                **policy_kw: Any) -> None:
+    """LoRA-Squeeze: compress trained adapters to a lower rank (post-hoc)."""
+    from pathlib import Path
+
+    from lorakit.api import load, save
+    from lorakit.compress.squeeze import SqueezeOptions, squeeze_with
+    from lorakit.report import dumps, print_resize
+
+    policy = policy_from(policy_kw)
+    options = SqueezeOptions(method=method, oversample=oversample, n_iter=n_iter, seed=seed,
+                             device=device)
+    many = len(sources) > 1
+    results = []
+    for src in sources:
+        adapter = load(src)
+        target = Path(out) / Path(src).name if many else Path(out)
+        progress = None if quiet or as_json or not sys.stderr.isatty() else _progress_cb()
+        small, report = squeeze_with(adapter, policy, options, progress=progress)
+        written = save(small, target, to, force=force, dtype=parse_dtype(dtype),
+                       provenance=provenance([src]))
+        info = {"source": src, "output": str(written), **report.to_dict()}
+        results.append(info)
+        if not (quiet or as_json):
+            print_resize(info, _console())
+    if report_file:
+        Path(report_file).write_text(dumps(results if many else results[0]))
+    if as_json:
+        click.echo(dumps(results if many else results[0]))
+
+
 def _progress_cb():
     def cb(key: str) -> None:
         click.echo(f"\r  {key[:70]:<70}", nl=False, err=True)
@@ -297,8 +348,11 @@ def _progress_cb():
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point with the one-line error contract."""
+    from lorakit.io import guard_inputs
+
     try:
-        cli.main(args=argv, prog_name="lorakit", standalone_mode=False)
+        with guard_inputs():  # an output may never replace a file the command read
+            cli.main(args=argv, prog_name="lorakit", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("lorakit: aborted", err=True)
         sys.exit(130)

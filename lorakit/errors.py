@@ -12,7 +12,24 @@ Example:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+# ANSI escapes and control characters (newlines included) that would break the one-line contract:
+# a message may quote text from a file (keys, JSON errors, torch's multi-line pickle errors).
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CONTROL = re.compile(r"\s*[\x00-\x1f\x7f\x85\u2028\u2029]+\s*")
+
+
+def one_line(text: str) -> str:
+    r"""``text`` without ANSI escapes, with each run of control characters (newlines, tabs)
+    collapsed to one space.
+
+    Example:
+        >>> one_line("bad header\n\tline 2\x1b[1m!\x1b[0m")
+        'bad header line 2!'
+    """
+    return _CONTROL.sub(" ", _ANSI.sub("", text)).strip()
 
 
 class LorakitError(Exception):
@@ -46,7 +63,7 @@ class LorakitError(Exception):
         text = ": ".join(parts)
         if self.hint:
             text += f" ({self.hint})"
-        return text
+        return one_line(text)
 
     def __str__(self) -> str:
         return self.message
@@ -96,6 +113,10 @@ class UnsupportedVariantError(LorakitError):
 
 class OutputExistsError(LorakitError):
     """The output exists and ``--force`` was not given."""
+
+
+class OutputWriteError(LorakitError):
+    """The output could not be written (disk full, permissions, tensors the writer refuses)."""
 
 
 class OptionError(LorakitError):

@@ -3,7 +3,9 @@
 Reading checks what would otherwise surface as an obscure exception: missing or empty files, Git LFS
 pointers, truncated or malformed safetensors headers, and pickles (read with ``weights_only=True``
 only). Writing goes to a temporary name beside the output and is renamed into place when complete,
-so a failed job never leaves a partial file, and an existing output is only replaced with ``force``.
+so a failed job never leaves a partial file (nor a temporary one, nor a folder it created), and an
+existing output is only replaced with ``force``. Inside :func:`guard_inputs` (every CLI command) an
+output that would replace a file the command read is refused even with ``force``.
 
 Example:
     >>> import tempfile, torch, pathlib
@@ -17,11 +19,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +36,10 @@ from lorakit.errors import (
     CorruptFileError,
     InputNotFoundError,
     LfsPointerError,
+    LorakitError,
     OutputExistsError,
+    OutputWriteError,
+    one_line,
 )
 
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
@@ -39,23 +47,66 @@ _ST_DTYPES = {
     "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
     "U16", "U32", "U64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64",
 }
+# bits per element; sub-byte dtypes (F4, F6) are left to the safetensors reader
+_ST_BITS = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
+    "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64,
+    "F8_E8M0": 8, "C64": 64,
+}
 _MAX_HEADER = 100 * 1024 * 1024
+_LFS_SIZE = re.compile(rb"^size (\d+)$", re.MULTILINE)
+# Files read inside guard_inputs(): an output that is one of them, or a folder holding one, is
+# refused even with --force (a command never modifies its inputs).
+_INPUTS: contextvars.ContextVar[set[Path] | None] = contextvars.ContextVar("lorakit_inputs",
+                                                                          default=None)
+
+
+@contextlib.contextmanager
+def guard_inputs() -> Iterator[set[Path]]:
+    """Within the block, remember every file read and refuse to write over any of them.
+
+    The CLI runs each command inside it, so ``lorakit convert a.safetensors -o a.safetensors
+    --force`` (or ``-o .`` on the folder holding the input) fails instead of replacing an input.
+
+    Example:
+        >>> with guard_inputs() as inputs:     # doctest: +SKIP
+        ...     lorakit.load("a.safetensors")
+    """
+    token = _INPUTS.set(set())
+    try:
+        yield _INPUTS.get()
+    finally:
+        _INPUTS.reset(token)
+
+
+def _note_input(path: Path) -> None:
+    seen = _INPUTS.get()
+    if seen is not None:
+        with contextlib.suppress(OSError):
+            seen.add(path.resolve())
 
 
 def check_file(path: Path) -> None:
-    """Raise a named error for a missing, empty or Git LFS pointer file."""
-    if not path.exists():
-        raise InputNotFoundError("no such file or folder", path=path)
-    if path.is_dir():
-        raise InputNotFoundError("is a folder, expected a file", path=path)
-    size = path.stat().st_size
-    if size == 0:
-        raise InputNotFoundError("file is empty", path=path)
-    with open(path, "rb") as f:
-        head = f.read(len(LFS_MAGIC))
-    if head == LFS_MAGIC:
+    """Raise a named error for a missing, empty, unreadable or Git LFS pointer file."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise InputNotFoundError("no such file or folder", path=path)
+        if path.is_dir():
+            raise InputNotFoundError("is a folder, expected a file", path=path)
+        size = path.stat().st_size
+        if size == 0:
+            raise InputNotFoundError("file is empty", path=path)
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError as e:
+        raise InputNotFoundError(f"cannot read ({e.strerror or e})", path=path) from e
+    _note_input(path)
+    if head.startswith(LFS_MAGIC):
+        m = _LFS_SIZE.search(head)
+        real = f" for a {int(m.group(1)):,}-byte file" if m else ""
         raise LfsPointerError(
-            "is a Git LFS pointer, not the weights", path=path,
+            f"is a Git LFS pointer ({size} bytes of text{real}), not the weights", path=path,
             hint="run `git lfs pull` in its repository, or download the file itself")
 
 
@@ -66,20 +117,31 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
     shape/size mismatch) raises :class:`CorruptFileError` naming the problem.
     """
     check_file(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CorruptFileError(f"truncated safetensors file ({size} bytes, no header)", path=path)
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, _MAX_HEADER):
-            raise CorruptFileError(
-                f"truncated or corrupt safetensors: header claims {n} bytes but the file has "
-                f"{size - 8} after the length prefix", path=path)
-        blob = f.read(n)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CorruptFileError(
+                    f"truncated safetensors file ({size} bytes, no complete 8-byte header length)",
+                    path=path)
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER:
+                raise CorruptFileError(
+                    f"corrupt safetensors: header length {n} exceeds the {_MAX_HEADER}-byte limit",
+                    path=path)
+            if n > size - 8:
+                raise CorruptFileError(
+                    f"truncated or corrupt safetensors: header claims {n} bytes but the file has "
+                    f"{size - 8} after the length prefix", path=path)
+            blob = f.read(n)
+    except OSError as e:
+        raise InputNotFoundError(f"cannot read ({e.strerror or e})", path=path) from e
     try:
         header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError also covers json's JSONDecodeError and integers past int_max_str_digits;
+        # RecursionError comes from deeply nested arrays.
         raise CorruptFileError(f"corrupt safetensors header (not valid JSON: {e})", path=path) from e
     if not isinstance(header, dict):
         raise CorruptFileError("corrupt safetensors header (not a JSON object)", path=path)
@@ -97,7 +159,7 @@ def _check_entry(path: Path, key: str, entry: object, data_len: int) -> None:
     if not isinstance(entry, dict):
         raise CorruptFileError("corrupt header entry (not an object)", path=path, key=key)
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _ST_DTYPES:
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:  # a list/dict is unhashable
         raise CorruptFileError(f"unknown dtype {dtype!r}", path=path, key=key)
     if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
             or not isinstance(offs, list) or len(offs) != 2
@@ -109,6 +171,16 @@ def _check_entry(path: Path, key: str, entry: object, data_len: int) -> None:
         raise CorruptFileError(
             f"truncated or corrupt safetensors: tensor bytes [{start}, {end}) lie outside the "
             f"{data_len} data bytes", path=path, key=key)
+    bits = _ST_BITS.get(dtype)
+    if bits is not None:
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * bits // 8 != end - start:
+            raise CorruptFileError(
+                f"corrupt safetensors: a {dtype} tensor of shape {tuple(shape)} needs "
+                f"{numel * bits // 8} bytes but data_offsets give {end - start}", path=path,
+                key=key)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -131,10 +203,12 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     """Load a ``.bin``/``.pt`` state dict with ``torch.load(weights_only=True)`` only."""
     check_file(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
+        with warnings.catch_warnings():  # torch warns about odd pickles; the refusal says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's restricted unpickler, zip reader, ...: all mean "refused"
         raise CorruptFileError(
-            f"cannot read as a weights-only PyTorch file ({type(e).__name__}: {e})", path=path,
+            f"cannot read as a weights-only PyTorch file ({_pickle_reason(e)})", path=path,
             hint="lorakit never unpickles arbitrary objects; convert it to safetensors") from e
     if not isinstance(obj, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -142,11 +216,26 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _pickle_reason(e: Exception) -> str:
+    """One short line for torch.load's (multi-line) refusal."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL x.Y", "... GLOBAL os.system"
+    if m:
+        return f"it needs the Python object {m.group(1)}, which weights-only loading refuses"
+    first = next((one_line(ln) for ln in text.splitlines() if ln.strip()), "")
+    if len(first) > 160:
+        first = first[:160].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object (adapter configs), with named errors for anything else."""
     check_file(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise InputNotFoundError(f"cannot read ({e.strerror or e})", path=path) from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptFileError(f"not valid JSON ({e})", path=path) from e
     if not isinstance(obj, dict):
         raise CorruptFileError("expected a JSON object", path=path)
@@ -158,11 +247,30 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
     from safetensors.torch import save_file
 
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(clean, str(path), metadata=metadata or None)
+    try:
+        save_file(clean, str(path), metadata=metadata or None)
+    except LorakitError:
+        raise
+    except OSError as e:
+        raise OutputWriteError(f"cannot write ({e.strerror or e})", path=path) from e
+    except Exception as e:  # the writer refuses e.g. tensors that share memory, non-str metadata
+        raise OutputWriteError(f"cannot write safetensors ({type(e).__name__}: {e})",
+                               path=path) from e
 
 
 def check_output(out: Path, force: bool) -> None:
-    """Refuse an existing output unless ``force``."""
+    """Refuse an existing output unless ``force``, and always one that would replace an input
+    read inside :func:`guard_inputs`."""
+    out = Path(out)
+    seen = _INPUTS.get()
+    if seen and out.exists():
+        target = out.resolve()
+        hit = next((p for p in sorted(seen) if p == target or target in p.parents), None)
+        if hit is not None:
+            what = "is" if hit == target else f"holds {hit}, which is"
+            raise OutputExistsError(
+                f"output {what} an input of this command; inputs are never modified", path=out,
+                hint="write to a new path")
     if out.exists() and not force:
         raise OutputExistsError("output already exists", path=out,
                                 hint="pass --force to overwrite")
@@ -172,27 +280,70 @@ def check_output(out: Path, force: bool) -> None:
 def atomic_output(out: Path, *, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; rename it onto ``out`` when the block succeeds.
 
-    On any exception the temporary file or folder is removed and ``out`` is untouched.
+    On any exception the temporary file or folder (and any parent folder this call created) is
+    removed and ``out`` is untouched. An ``OSError`` (disk full, permissions) becomes
+    :class:`OutputWriteError` naming ``out``; a :class:`LorakitError` raised about a file inside
+    the temporary path is re-pointed at the matching path under ``out``.
     """
     out = Path(out)
     check_output(out, force)
     parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        tmp = Path(name)
+    created: list[Path] = []
+    try:
+        created = _make_parents(parent)
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as e:
+        _remove_dirs(created)
+        raise OutputWriteError(f"cannot create the output ({e.strerror or e})", path=out) from e
     try:
         yield tmp
         _replace(tmp, out, force)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
+        elif tmp.exists() or tmp.is_symlink():
             tmp.unlink()
+        _remove_dirs(created)
+        if isinstance(e, LorakitError):
+            _repoint(e, tmp, out)
+        elif isinstance(e, OSError):
+            raise OutputWriteError(f"cannot write the output ({e.strerror or e})",
+                                   path=out) from e
         raise
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create ``parent`` (and its missing ancestors); return the folders created, deepest first."""
+    missing = []
+    p = parent
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    for d in created:  # deepest first; stop at the first that is not empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _repoint(e: LorakitError, tmp: Path, out: Path) -> None:
+    """Name the user's output instead of the temporary path in an error raised while writing."""
+    if e.path is None:
+        return
+    t = str(tmp)
+    if e.path == t or e.path.startswith(t + os.sep):
+        e.path = str(out) + e.path[len(t):]
+        e.args = (e.message,)
 
 
 def _replace(tmp: Path, out: Path, force: bool) -> None:

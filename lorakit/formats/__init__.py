@@ -166,6 +166,8 @@ def infer_component(adapter: Adapter) -> str | None:
     """The diffusion component a PEFT adapter was made for, from its config's auto_mapping."""
     mapping = adapter.config.get("auto_mapping") or {}
     cls = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    if not isinstance(cls, str):  # a config may hold anything here (a list is unhashable)
+        return None
     if cls in _CLASS_COMPONENT:
         return _CLASS_COMPONENT[cls]
     if cls and cls.endswith("Transformer2DModel"):

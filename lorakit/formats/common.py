@@ -17,7 +17,12 @@ from typing import Any
 import torch
 
 from lorakit.adapter import LoraModule, ModuleKind
-from lorakit.errors import ConfigMismatchError, CorruptFileError, UnsupportedVariantError
+from lorakit.errors import (
+    ConfigMismatchError,
+    CorruptFileError,
+    ShapeMismatchError,
+    UnsupportedVariantError,
+)
 
 # Key fragments of adapter variants that are not plain LoRA: refused by name, never misread.
 VARIANT_MARKERS: tuple[tuple[str, str], ...] = (
@@ -76,6 +81,12 @@ def build_modules(parts: dict[str, dict[str, torch.Tensor]], alphas: dict[str, f
                          rslora=rslora, magnitude=p.get("magnitude"), bias=p.get("bias"),
                          kind=kind)
         mod.validate(key, str(path))
+        mag = mod.magnitude  # PEFT: one value per output; kohya/LyCORIS dora_scale: per input
+        if mag is not None and mag.numel() not in (int(up.shape[0]), int(down[0].numel())):
+            raise ShapeMismatchError(
+                f"DoRA magnitude has shape {tuple(mag.shape)}, expected {int(up.shape[0])} "
+                f"values (one per output) or {int(down[0].numel())} (one per input)",
+                path=path, key=key)
         modules[key] = mod
     return modules
 
@@ -85,6 +96,8 @@ def scalar_value(t: torch.Tensor, key: str, path: Path | str) -> float:
     if t.numel() != 1:
         raise CorruptFileError(f"alpha must hold one value, got shape {tuple(t.shape)}",
                                path=path, key=key)
+    if t.is_complex():
+        raise CorruptFileError(f"alpha must be a real number, got {t.dtype}", path=path, key=key)
     v = float(t.reshape(()).to(torch.float64).item())
     if v != v or v in (float("inf"), float("-inf")):
         from lorakit.errors import NonFiniteError

@@ -109,9 +109,11 @@ def _has_components(meta: dict[str, str], keys: list[str]) -> bool:
     recorded = meta.get("lorakit.components")
     if recorded is not None:
         try:
-            return bool(json.loads(recorded))
-        except json.JSONDecodeError:
-            pass
+            comps = json.loads(recorded)
+        except (json.JSONDecodeError, RecursionError):
+            comps = None
+        if isinstance(comps, list):  # anything else (null, a number) was not written by lorakit
+            return bool(comps)
     return any(split_component(k)[0] for k in keys)
 
 

@@ -35,7 +35,6 @@ import torch
 from lorakit.adapter import Adapter, LoraModule, ModuleKind
 from lorakit.errors import (
     ConfigMismatchError,
-    CorruptFileError,
     InputNotFoundError,
     UnknownLayoutError,
     UnsupportedVariantError,
@@ -84,6 +83,9 @@ def pattern_value(patterns: dict[str, Any] | None, key: str, default: Any, *,
     """
     if not patterns:
         return default
+    if not isinstance(patterns, dict):
+        raise ConfigMismatchError(f"{field} must map module patterns to values, got "
+                                  f"{type(patterns).__name__}", path=path, key=key)
     if key in patterns:
         return patterns[key]
     for pat in patterns:
@@ -172,9 +174,15 @@ def load_peft(path: str | Path) -> Adapter:
     modules = build_modules(parts, alphas, weights, rslora=rslora)
     _check_dora(modules, config, cfg_path)
     return Adapter(modules=modules, extras=extras,
-                   base_model=config.get("base_model_name_or_path"), source_format="peft",
+                   base_model=_base_model(config), source_format="peft",
                    layout="peft_adalora" if peft_type == "ADALORA" else "peft", config=config,
                    metadata=dict(meta), source=str(path))
+
+
+def _base_model(config: dict) -> str | None:
+    """``base_model_name_or_path`` as a string (a config may hold a non-string value)."""
+    base = config.get("base_model_name_or_path")
+    return None if base is None else str(base)
 
 
 def _alphas_from_config(parts: dict, config: dict, cfg_path: Path) -> dict[str, float]:
@@ -183,12 +191,16 @@ def _alphas_from_config(parts: dict, config: dict, cfg_path: Path) -> dict[str, 
     alphas: dict[str, float] = {}
     for key, p in parts.items():
         r_cfg = pattern_value(rp, key, r_default, path=cfg_path, field="rank_pattern")
+        if isinstance(r_cfg, bool) or not isinstance(r_cfg, (int, float)) or r_cfg != int(r_cfg):
+            raise ConfigMismatchError(f"r must be an integer, got {r_cfg!r}", path=cfg_path,
+                                      key=key)
         if "down" in p and p["down"].ndim >= 1 and int(p["down"].shape[0]) != int(r_cfg):
             raise ConfigMismatchError(
                 f"config gives rank {r_cfg} but lora_A has rank {int(p['down'].shape[0])}",
                 path=cfg_path, key=key, hint="the config does not belong to these weights")
         alpha = pattern_value(ap, key, a_default, path=cfg_path, field="alpha_pattern")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) \
+                or not math.isfinite(alpha):
             raise ConfigMismatchError(f"lora_alpha must be a number, got {alpha!r}",
                                       path=cfg_path, key=key)
         alphas[key] = float(alpha)
@@ -357,10 +369,8 @@ def save_peft(adapter: Adapter, folder: Path, *, dtype: torch.dtype | None = Non
     tensors = peft_tensors(adapter, dtype, rslora)
     meta = dict(adapter.metadata) if adapter.source_format == "peft" else {}
     meta.setdefault("format", "pt")
-    try:
-        write_safetensors(folder / WEIGHT_NAMES[0], tensors, meta)
-    except Exception as e:  # shared storage between tensors, etc.
-        raise CorruptFileError(f"cannot write safetensors ({e})", path=folder) from e
+    # write failures (disk full, shared storage between tensors) raise OutputWriteError
+    write_safetensors(folder / WEIGHT_NAMES[0], tensors, meta)
     # top-level keys sorted; pattern dicts keep their order (PEFT matches patterns in order)
     (folder / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     (folder / "README.md").write_text(model_card(adapter, provenance))
