@@ -3,14 +3,18 @@
 Each item is a module's sum ``sum_i c_i B_i A_i`` given as terms ``(B_i (out, r_i),
 A_i (r_i, in), c_i)``. Items with the same ``(out, in, (r_1, ..., r_k))`` are decomposed together
 in chunks of ``CHUNK_ELEMENTS`` factor entries through work buffers reused across chunks: the
-factors are copied (and converted) once, the coefficients scale the copied columns, and only the
-kept ``k`` columns of ``U`` and rows of ``V^T`` leave a chunk, already balanced as output factors
-``up = U_k S_k^1/2`` and ``down = S_k^1/2 V_k^T`` in the caller's dtype. Peak memory is the inputs
-plus one chunk plus the outputs.
+factors are copied (and converted) once, the coefficients scale the small Gram matrices, and only
+the kept ``k`` columns of ``U`` and rows of ``V^T`` leave a chunk, already as output factors
+``up = U_k (S_k / c)^1/2`` and ``down = (S_k / c)^1/2 V_k^T`` (balanced; ``c`` is the output
+module's scale, 1 unless ``out_scale`` says otherwise) in the caller's dtype. Peak memory is the
+inputs plus one chunk plus the outputs.
 
-Small items (``(out + in) R <= FLOAT64_BELOW``) run in float64 throughout (exact spectra for
-reports and tests at negligible cost); large ones use float32 tall products, whose truncation
-error is within 1e-6 of the Eckart-Young optimum (the small decompositions are float64 always).
+Small items (``(out + in) R <= FLOAT64_BELOW``) and float64 inputs run in float64 throughout
+(exact spectra for reports and tests at negligible cost); large ones use float32 tall products,
+whose truncation error is within 1e-6 of the Eckart-Young optimum (the small decompositions are
+float64 always) until the dropped tail falls below about 1e-4 of the kept norm: there float32
+output factors cannot hold the result more closely (the dense float32 SVD that PEFT and kohya run
+is tens of times further off there; pinned in tests/lowrank/test_factored.py).
 
 Example:
     >>> import torch
@@ -27,9 +31,9 @@ from typing import NamedTuple
 
 import torch
 
-from lorakit.lowrank.factored import back_project, factored_core
+from lorakit.lowrank.factored import Core, back_project, factored_core
 
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 22  # factor entries per chunk (measured best on 2 cores: fits L3 twice)
 FLOAT64_BELOW = 1 << 18
 
 TermT = tuple[torch.Tensor, torch.Tensor, float]  # (B (out, r), A (r, in), coefficient)
@@ -63,12 +67,45 @@ def _fill(items: list[Sequence[TermT]], b: torch.Tensor, a: torch.Tensor) -> tor
     return scale
 
 
+def _chunk_core(keys: list[str], b: torch.Tensor, a: torch.Tensor, scale: torch.Tensor,
+                cores: dict[str, Core] | None) -> Core:
+    """The chunk's core, reused from ``cores`` when every key has one."""
+    if cores is not None and all(k in cores for k in keys):
+        return Core(*(torch.stack([cores[k][f] for k in keys]).to(b.device)
+                      for f in range(len(Core._fields))))
+    return factored_core(b, a, col_scale=scale)
+
+
+def _emit(keys: list[str], core: Core, b: torch.Tensor, a: torch.Tensor, ks: list[int],
+          out_dtype: Callable[[str], torch.dtype] | None,
+          out_scale: Callable[[str], float] | None) -> dict[str, Truncated]:
+    """Back-project the chunk's kept triplets as balanced factors, one output per key."""
+    c = torch.tensor([out_scale(k) if out_scale else 1.0 for k in keys], dtype=torch.float64)
+    weights = (core.S[:, :max(ks)] / c.to(core.S.device).unsqueeze(-1)).clamp_min(0).sqrt()
+    up, down = back_project(core, b, a, max(ks), weights)  # (n, out, kmax), (n, kmax, in)
+    s_cpu = core.S.cpu()  # (n, R)
+    out = {}
+    for j, key in enumerate(keys):
+        dt = out_dtype(key) if out_dtype else torch.float32
+        out[key] = Truncated(up[j, :, :ks[j]].to("cpu", dt).contiguous(),  # (out, k)
+                             down[j, :ks[j]].to("cpu", dt).contiguous(),  # (k, in)
+                             s_cpu[j])
+    return out
+
+
 def truncated_sums(items: dict[str, Sequence[TermT]],
                    rank_of: Callable[[str, torch.Tensor], int] | None, *,
                    device: torch.device | str = "cpu",
                    out_dtype: Callable[[str], torch.dtype] | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Truncated]:
+                   progress: Callable[[str], None] | None = None,
+                   out_scale: Callable[[str], float] | None = None,
+                   cores: dict[str, Core] | None = None) -> dict[str, Truncated]:
     """Spectra of every item and, unless ``rank_of`` is None, its top-``rank_of(key, S)`` factors.
+
+    ``out_scale(key)``: the scale the output module applies, so that
+    ``out_scale * up @ down`` is the truncated sum (default 1). ``cores``: with ``rank_of`` None,
+    a dict that receives every item's small core (``3 R^2`` float64 numbers); passed back with a
+    ``rank_of``, those items skip the Gram products (a global budget needs all spectra first).
 
     Example:
         >>> import torch
@@ -84,28 +121,26 @@ def truncated_sums(items: dict[str, Sequence[TermT]],
     for (o, i, rs), keys in groups.items():
         r = sum(rs)
         per = max(1, CHUNK_ELEMENTS // max(1, (o + i) * r))
-        wd = torch.float64 if (o + i) * r <= FLOAT64_BELOW else torch.float32
+        wide = any(t.dtype == torch.float64 for k in keys for b, a, _ in items[k] for t in (b, a))
+        wd = torch.float64 if (o + i) * r <= FLOAT64_BELOW or wide else torch.float32
         n_buf = min(per, len(keys))
-        bufs = (torch.empty(n_buf, o, r, device=device, dtype=wd),
-                torch.empty(n_buf, r, i, device=device, dtype=wd))
+        bufs = (torch.empty(n_buf, o, r, device=device, dtype=wd),  # (n, out, R)
+                torch.empty(n_buf, r, i, device=device, dtype=wd))  # (n, R, in)
         for start in range(0, len(keys), per):
             chunk = keys[start:start + per]
             b, a = bufs[0][:len(chunk)], bufs[1][:len(chunk)]
-            scale = _fill([items[k] for k in chunk], b, a)
-            core = factored_core(b, a, col_scale=scale)
-            s_cpu = core.S.cpu()
+            scale = _fill([items[k] for k in chunk], b, a)  # (n, R) term coefficients
+            core = _chunk_core(chunk, b, a, scale, cores)
+            s_cpu = core.S.cpu()  # (n, R)
             if rank_of is None:
                 out.update({k: Truncated(None, None, s_cpu[j]) for j, k in enumerate(chunk)})
+                if cores is not None:
+                    cores.update({k: Core(*(f[j].cpu() for f in core))
+                                  for j, k in enumerate(chunk)})
                 continue
             ks = [max(1, min(int(rank_of(k, s_cpu[j])), r)) for j, k in enumerate(chunk)]
-            u, vh = back_project(core, b, a, max(ks))  # (n, out, kmax), (n, kmax, in)
-            for j, key in enumerate(chunk):
-                k = ks[j]
-                root = s_cpu[j, :k].clamp_min(0).sqrt().to(device=u.device, dtype=u.dtype)
-                dt = out_dtype(key) if out_dtype else torch.float32
-                up = (u[j, :, :k] * root).to("cpu", dt).contiguous()  # (out, k)
-                down = (root[:, None] * vh[j, :k]).to("cpu", dt).contiguous()  # (k, in)
-                out[key] = Truncated(up, down, s_cpu[j])
-                if progress:
+            out.update(_emit(chunk, core, b, a, ks, out_dtype, out_scale))
+            if progress:
+                for key in chunk:
                     progress(key)
     return out
