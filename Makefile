@@ -12,7 +12,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[dev,transfer]'
+	$(PIP) -e '.[dev,transfer,ray,zoo]'
 	touch $(STAMP)
 
 install: $(STAMP)

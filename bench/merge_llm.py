@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resize_llm import SHAPES, best, run_process  # noqa: E402
+from resize_llm import SHAPES, best, child_peak, command_peak, run_process  # noqa: E402
 
 RANKS = (8, 16, 16, 32)
 OUT_RANK = 32
@@ -124,9 +124,9 @@ def main() -> None:
     svd_cmd = [py, "-m", "lorakit.cli", "merge", *map(str, folders), "--method", "svd", "--rank",
                str(OUT_RANK), "-o", str(tmp / "svd_cli"), "--force", "--quiet",
                "--device", args.device]
-    t_bare_proc = min(run_process(bare_cmd)[0] for _ in range(args.repeat))
-    runs = [run_process(svd_cmd) for _ in range(args.repeat)]
-    t_svd_cli, rss_svd = min(r[0] for r in runs), max(r[1] for r in runs)
+    t_bare_proc = min(run_process(bare_cmd) for _ in range(args.repeat))
+    t_svd_cli = min(run_process(svd_cmd) for _ in range(args.repeat))
+    rss_svd = command_peak(svd_cmd[3:])
     ads = [lorakit.load(f) for f in folders]
     if args.skip_ties_full:
         sub_layers = min(4, args.layers)
@@ -141,12 +141,12 @@ def main() -> None:
         lorakit.merge(ads, "ties", policy=RankPolicy.fixed(OUT_RANK), device=args.device)
         t_ties = time.perf_counter() - t
         ties_note = "(all layers)"
-    ties_cmd = [py, "-c", "import lorakit; from lorakit.lowrank import RankPolicy; "
-                f"ads=[lorakit.load(f) for f in {list(map(str, folders))!r}]; "
-                "keep=[k for k in ads[0].modules if k.split('.')[2] == '0']; "
-                "ads=[a.copy(modules={k: a.modules[k] for k in keep}) for a in ads]; "
-                "lorakit.merge(ads, 'ties', policy=RankPolicy.fixed(32))"]
-    _, rss_ties_one_layer = run_process(ties_cmd)
+    rss_ties_one_layer = child_peak(
+        "import lorakit\nfrom lorakit.lowrank import RankPolicy\n"
+        f"ads = [lorakit.load(f) for f in {list(map(str, folders))!r}]\n"
+        "keep = [k for k in ads[0].modules if k.split('.')[2] == '0']\n"
+        "ads = [a.copy(modules={k: a.modules[k] for k in keep}) for a in ads]\n"
+        "lorakit.merge(ads, 'ties', policy=RankPolicy.fixed(32))\n")
     d_svd, d_ties, shapes = dense_routes(ads, device)
     n = args.layers * len(SHAPES)
     rows = [
