@@ -149,3 +149,16 @@ def number(x: float) -> int | float:
 
 def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def refuse_embedding_lora(modules: dict[str, LoraModule], fmt: str) -> None:
+    """Embedding LoRA (PEFT ``lora_embedding_A/B``) has no form in diffusers or kohya files:
+    written there it would read back as a linear LoRA with the factors' roles swapped.
+
+    Example:
+        >>> refuse_embedding_lora({}, "kohya")  # nothing to refuse
+    """
+    for key, m in modules.items():
+        if m.kind is ModuleKind.EMBEDDING:
+            raise UnsupportedVariantError(f"embedding LoRA cannot be written as {fmt}", key=key,
+                                          hint="write PEFT instead")

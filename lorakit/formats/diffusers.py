@@ -40,6 +40,7 @@ from lorakit.formats.common import (
     common_value,
     exact_patterns,
     number,
+    refuse_embedding_lora,
     scalar_value,
     target_name,
 )
@@ -225,6 +226,7 @@ def diffusers_metadata(adapter: Adapter) -> dict[str, Any]:
 
 
 def diffusers_tensors(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    refuse_embedding_lora(adapter.modules, "diffusers")
     out: dict[str, torch.Tensor] = {}
     for key, m in adapter.modules.items():
         out[f"{key}.lora_A.weight"] = cast(m.down, dtype)

@@ -36,6 +36,7 @@ from lorakit.formats.common import (
     check_variants,
     common_value,
     number,
+    refuse_embedding_lora,
     scalar_value,
 )
 from lorakit.io import write_safetensors
@@ -44,6 +45,8 @@ from lorakit.naming import dotted_to_kohya, kohya_to_dotted, split_kohya_name
 _KEY = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+?)(?P<sep>[._])(?P<role>lora_down\.weight|"
                   r"lora_up\.weight|alpha|dora_scale)$")
 
+
+SDXL_TE_KEY = "lorakit.kohya_te_prefix"  # metadata key: the text-encoder prefix read
 
 def classify(keys: list[str]) -> str | None:
     """``"kohya"``, ``"kohya_like"`` (underscore-joined suffixes) or None."""
@@ -97,13 +100,35 @@ def load_kohya(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str
         raise ConfigMismatchError("alpha without LoRA factors", path=path, key=names[stray[0]])
     modules = build_modules(parts, alphas, path)
     base = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
+    meta = dict(meta)
+    if any(n.startswith("lora_te1_") for n in names.values()):
+        meta[SDXL_TE_KEY] = "lora_te1_"  # written back, so a te1-only SDXL file keeps its prefix
     prefixed = with_comp and any(split_kohya_name(n)[0] for n in names.values())
     return Adapter(modules=modules, source_format="kohya", layout=layout, metadata=dict(meta),
                    base_model=base, source=str(path), component_prefix=prefixed)
 
 
+def is_sdxl(adapter: Adapter) -> bool:
+    """Whether the text encoder is SDXL's first one (``lora_te1_``), even when the adapter has no
+    ``text_encoder_2`` modules: from kohya's ``ss_base_model_version``, the modelspec
+    architecture, or the prefix the file was read with.
+
+    Example:
+        >>> is_sdxl(Adapter(metadata={"ss_base_model_version": "sdxl_base_v1-0"}))
+        True
+    """
+    meta = adapter.metadata
+    return ("text_encoder_2" in adapter.components()
+            or str(meta.get("ss_base_model_version", "")).startswith("sdxl")
+            or "-xl-" in str(meta.get("modelspec.architecture", ""))
+            or meta.get(SDXL_TE_KEY) == "lora_te1_")
+
+
 def kohya_tensors(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    refuse_embedding_lora(adapter.modules, "kohya")
     comps = adapter.components()
+    if is_sdxl(adapter) and "text_encoder_2" not in comps:
+        comps = [*comps, "text_encoder_2"]  # SDXL's first text encoder is lora_te1_
     out: dict[str, torch.Tensor] = {}
     for key, m in adapter.modules.items():
         comp, rest = adapter.split_key(key)

@@ -133,6 +133,23 @@ def test_sdxl_te1_te2_and_unet_names_round_trip(tmp_path):
     assert read_keys(k2)[0] == set(t)
 
 
+
+@pytest.mark.parametrize("meta", [{}, {"ss_base_model_version": "sdxl_base_v1-0"}])
+def test_sdxl_te1_only_keeps_its_prefix(tmp_path, meta):
+    """An SDXL adapter that trains only the first text encoder is not mistaken for SD1.5's."""
+    name = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    t = {**kohya_pair(name, 4, 8, 8, 1, 4.0),
+         **kohya_pair("lora_unet_mid_block_attentions_0_proj_in", 4, 8, 8, 2, 4.0)}
+    a = lorakit.load(write_st(tmp_path / "te1.safetensors", t, meta))
+    assert "text_encoder_2" not in a.components()
+    out = lorakit.save(a, tmp_path / "out.safetensors")
+    assert read_keys(out)[0] == set(t)  # lora_te1_, not lora_te_
+    assert read_keys(lorakit.save(lorakit.load(out), tmp_path / "again.safetensors"))[0] == set(t)
+    sd15 = {**kohya_pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 4, 8, 8, 1, 4.0)}
+    out15 = lorakit.save(lorakit.load(write_st(tmp_path / "sd15.safetensors", sd15)),
+                         tmp_path / "out15.safetensors")
+    assert read_keys(out15)[0] == set(sd15)  # SD1.5 keeps lora_te_
+
 def test_kohya_like_layout_is_written_back_standard(tmp_path):
     like = {
         "lora_unet_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k_lora_down.weight":
@@ -186,3 +203,15 @@ def test_lycoris_variants_refused_by_name(tmp_path, variant):
     assert variant.split("/")[0] in msg and "x.safetensors" in msg and "lora_unet_a_b." in msg
     with pytest.raises(UnsupportedVariantError):
         lorakit.formats.detect.detect_format(f)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_embedding_lora_is_refused_by_name_outside_peft(tmp_path, fmt):
+    emb = LoraModule(randn(4, 50), randn(8, 4, seed=1), alpha=4.0, kind=ModuleKind.EMBEDDING)
+    a = Adapter(modules={"model.embed_tokens": emb})
+    with pytest.raises(UnsupportedVariantError, match="embedding LoRA") as e:
+        lorakit.save(a, tmp_path / "out.safetensors", fmt)
+    assert "model.embed_tokens" in str(e.value)
+    assert not (tmp_path / "out.safetensors").exists()
+    assert lorakit.load(lorakit.save(a, tmp_path / "peft", "peft")).modules[
+        "model.embed_tokens"].kind is ModuleKind.EMBEDDING
