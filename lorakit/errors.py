@@ -129,3 +129,48 @@ class IncompatibleAdaptersError(LorakitError):
 
 class MissingDependencyError(LorakitError):
     """An optional extra (transformers, peft, ray) is needed and not installed."""
+
+
+class HubError(LorakitError):
+    """A Hugging Face Hub problem (``hf://`` sources, ``push``): access, revision, upload."""
+
+
+class HubNotFoundError(HubError):
+    """A Hub repository, revision or file that does not exist (or is private to this token)."""
+
+
+class GatedRepoAccessError(HubError):
+    """A gated Hub repository whose conditions this account has not accepted."""
+
+
+class HubOfflineError(HubError):
+    """The Hub cannot be reached (``HF_HUB_OFFLINE=1`` or no network) and nothing is cached."""
+
+
+class BatchError(LorakitError):
+    """A batch run with failed jobs (the summary and ``--report`` list each one)."""
+
+
+class RecipeError(LorakitError):
+    """A recipe with problems; ``problems`` lists every one (step, field, message) found before
+    anything ran. The message joins them, each naming its step and field."""
+
+    def __init__(self, problems: list, *, path: str | Path | None = None) -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        text = f"{n} problem{'s' if n != 1 else ''} in the recipe: " + \
+            "; ".join(f"({i}) {p}" for i, p in enumerate(self.problems, 1))
+        super().__init__(text, path=path)
+
+    def __reduce__(self):  # picklable (process pools, Ray) with its problems intact
+        return (_recipe_error, (self.problems, self.path))
+
+    def to_dict(self) -> dict:
+        out: dict = dict(super().to_dict())
+        out["problems"] = [p.to_dict() if hasattr(p, "to_dict") else str(p)
+                           for p in self.problems]
+        return out
+
+
+def _recipe_error(problems: list, path: str | None) -> RecipeError:
+    return RecipeError(problems, path=path)
