@@ -623,3 +623,16 @@ def test_inputs_never_touched(tmp_path, capsys):
             code, _, err = run_cli(capsys, "convert", str(src), "--to", to, "-o", str(dst))
             assert code == 0 or err.startswith("lorakit: error:"), err
     assert snapshot(*inputs) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_all_finite_survives_an_overflowing_sum(dtype):
+    from lorakit.adapter import all_finite
+
+    big = torch.full((4096,), torch.finfo(dtype).max / 2, dtype=dtype)  # the sum overflows
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[7] = bad
+        assert not all_finite(t)
+    assert all_finite(torch.empty(0, dtype=dtype))
