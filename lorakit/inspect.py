@@ -25,8 +25,13 @@ from lorakit.adapter import Adapter
 EFFECTIVE_RANK_RTOL = 1e-6
 
 
-def module_info(key: str, m, sv: torch.Tensor) -> dict[str, Any]:
-    """Per-module facts as plain JSON-able values (``sv`` are the update's singular values)."""
+def module_info(key: str, m, sv: torch.Tensor | None) -> dict[str, Any]:
+    """Per-module facts as plain JSON-able values (``sv`` are the update's singular values; None
+    when spectra were skipped: the spectral fields are then None, never made-up zeros)."""
+    if sv is None:
+        info = module_info(key, m, torch.zeros(0))
+        info.update(norm=None, singular_values=None, effective_rank=None, energy=None)
+        return info
     s = sv.to(torch.float64)
     s_max = float(s.max()) if s.numel() else 0.0
     eff = int((s > EFFECTIVE_RANK_RTOL * s_max).sum()) if s_max > 0 else 0
@@ -62,7 +67,7 @@ def inspect_adapter(adapter: Adapter, *, spectra: bool = True) -> dict[str, Any]
 
     mods = []
     for key, m in adapter.modules.items():
-        sv = singular_values(m) if spectra else torch.zeros(0)
+        sv = singular_values(m) if spectra else None
         mods.append(module_info(key, m, sv))
     ranks = sorted({m.rank for m in adapter.modules.values()})
     return {

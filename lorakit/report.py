@@ -17,7 +17,9 @@ from rich.table import Table
 
 
 def fmt_num(x: Any, digits: int = 4) -> str:
-    if isinstance(x, bool) or x is None:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
         return str(x)
     if isinstance(x, int):
         return f"{x:,}"
@@ -38,7 +40,9 @@ def render_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any
     console.print(table)
 
 
-def _energy_at(energy: list[float], ks: Sequence[int]) -> str:
+def _energy_at(energy: list[float] | None, ks: Sequence[int]) -> str:
+    if energy is None:  # spectra skipped (--no-spectra)
+        return "-"
     parts = []
     for k in ks:
         if 1 <= k <= len(energy):

@@ -10,11 +10,14 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import manifest_params, require_real
 from formats._raw import norm_key, read_any
 from formats.helpers import peft_pair, write_peft
 
+import lorakit
+from lorakit.adapter import Adapter, LoraModule
 from lorakit.cli import cli
 
 N_DENSE = 3  # modules per adapter checked against a dense SVD (the cheapest ones)
@@ -142,3 +145,14 @@ def test_inspect_table_mixed_ranks(tmp_path):
         b = tensors[f"base_model.model.{m['key']}.lora_B.weight"].double().numpy()
         dense = np.linalg.svd(12 / m["rank"] * b @ a, compute_uv=False)[: m["rank"]]
         np.testing.assert_allclose(m["singular_values"], dense, rtol=1e-5)
+
+
+def test_no_spectra_reports_no_made_up_zeros(tmp_path):
+    m = LoraModule(torch.randn(2, 6), torch.randn(5, 2), alpha=2.0)
+    src = lorakit.save(Adapter(modules={"model.layers.0.q_proj": m}), tmp_path / "a", "peft")
+    res = CliRunner().invoke(cli, ["inspect", str(src), "--json", "--no-spectra"])
+    assert res.exit_code == 0, res.output
+    mod = json.loads(res.output)["modules"][0]
+    assert mod["rank"] == 2 and mod["effective_rank"] is None and mod["norm"] is None
+    table = CliRunner().invoke(cli, ["inspect", str(src), "--no-spectra"])
+    assert table.exit_code == 0 and "model.layers.0.q_proj" in table.output
