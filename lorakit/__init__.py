@@ -6,11 +6,14 @@ Example:
     >>> lorakit.save(lorakit.convert(a, "kohya"), "out.safetensors")  # doctest: +SKIP
 """
 
-from lorakit import merge  # a callable package: lorakit.merge(...) runs merge.merge(...)
+# callable packages: lorakit.merge(...) runs merge.merge(...), lorakit.transfer(...) runs
+# transfer.transfer(...) (transformers is imported only when a transfer runs)
+from lorakit import merge, transfer
 from lorakit.adapter import Adapter, LoraModule, ModuleKind
 from lorakit.api import convert, load, save
 from lorakit.errors import LorakitError
 from lorakit.formats import Format
+from lorakit.hub import pull, push  # hf:// pull (to the shared HF cache) and push with a card
 
 
 def resize(*args, **kwargs):
@@ -23,4 +26,4 @@ def resize(*args, **kwargs):
 __version__ = "0.1.0"
 
 __all__ = ["Adapter", "LoraModule", "ModuleKind", "Format", "LorakitError", "load", "save",
-           "convert", "merge", "resize", "__version__"]
+           "convert", "merge", "resize", "transfer", "pull", "push", "__version__"]

@@ -34,7 +34,11 @@ def save(adapter: Adapter, out: str | Path, format: Format | str | None = None, 
     Example:
         >>> save(adapter, "out_dir", force=True)   # doctest: +SKIP
     """
-    return save_adapter(adapter, out, format, force=force, dtype=dtype, provenance=provenance)
+    written = save_adapter(adapter, out, format, force=force, dtype=dtype, provenance=provenance)
+    from lorakit.hub import note_written
+
+    note_written(written, provenance)  # the CLI pushes what a command wrote (--push-to)
+    return written
 
 
 __all__ = ["load", "save", "convert", "Format"]

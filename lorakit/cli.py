@@ -28,11 +28,14 @@ def _console(quiet: bool = False) -> Console:
     return Console(quiet=quiet, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 
 
+_ARGV: list[str] | None = None  # the arguments main() was called with (else sys.argv)
+
+
 def provenance(sources: list[str]) -> dict[str, Any]:
     """What produced an output: the command line and its sources (recorded in every write)."""
     from lorakit import __version__
 
-    argv = ["lorakit", *sys.argv[1:]]
+    argv = ["lorakit", *(_ARGV if _ARGV is not None else sys.argv[1:])]
     return {"tool": f"lorakit {__version__}", "command": shlex.join(argv), "sources": sources}
 
 
@@ -47,7 +50,89 @@ def parse_dtype(name: str | None):
     return getattr(torch, key)
 
 
+def _store_push_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta.setdefault("lorakit.push", {})[param.name] = value
+    return value
+
+
+def push_options(f):
+    """``--push-to ORG/REPO`` (+ ``--private``, ``--revision``, ``--dry-run``): after the command
+    wrote its output, upload it with a model card (see :func:`lorakit.hub.push`). The values go to
+    ``ctx.meta``, so commands need no extra parameters; the group's result callback pushes."""
+    import functools
+
+    command = f
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        opts = click.get_current_context().meta.get("lorakit.push") or {}
+        given = [f"--{k.replace('_', '-')}" for k in ("private", "revision", "dry_run")
+                 if opts.get(k)]
+        if given and not opts.get("push_to"):  # refused before anything is written
+            raise click.UsageError(f"{', '.join(given)} only apply with --push-to ORG/REPO")
+        return command(*args, **kwargs)
+
+    f = checked
+    opts = [
+        click.option("--push-to", metavar="ORG/REPO", default=None, expose_value=False,
+                     callback=_store_push_option, help="Upload the output to this Hub repo."),
+        click.option("--private", is_flag=True, expose_value=False, callback=_store_push_option,
+                     help="With --push-to: create the repo as private."),
+        click.option("--revision", default=None, expose_value=False,
+                     callback=_store_push_option, help="With --push-to: branch to push to."),
+        click.option("--dry-run", is_flag=True, expose_value=False, callback=_store_push_option,
+                     help="With --push-to: list what would be uploaded, upload nothing."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def batch_options(f):
+    """Options of commands that run one job per source over a collection (lorakit.batch)."""
+    opts = [
+        click.option("--jobs", type=click.IntRange(min=1), default=None,
+                     help="Parallel jobs over a collection (local processes; Ray CPUs)."),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+                     show_default=True, help="Run jobs in a local process pool or on Ray."),
+        click.option("--address", default=None, help="Ray cluster address (with --executor "
+                     "ray; default: start a local Ray runtime)."),
+        click.option("--keep-going", is_flag=True,
+                     help="Run every job even after a failure; the summary lists each one."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def run_batch_cli(task: str, plan: Any, out: str, options: dict[str, Any],
+                  batch_kw: dict[str, Any], *, force: bool, quiet: bool, as_json: bool,
+                  report_file: str | None) -> None:
+    """Run a command over a collection: one output per source under ``out`` (lorakit.batch)."""
+    from lorakit.batch import BatchOptions, Executor, run_command
+    from lorakit.hub import note_written
+
+    batch = BatchOptions(jobs=batch_kw.get("jobs"), executor=Executor(batch_kw["executor"]),
+                         address=batch_kw.get("address"), keep_going=batch_kw["keep_going"],
+                         force=force)
+    run_command(task, plan, out, options, batch=batch, report=report_file, quiet=quiet,
+                as_json=as_json, provenance=provenance([]))
+    note_written(out)  # --push-to uploads the whole collection folder
+
+
+def _batch_kw(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {n: kwargs.pop(n) for n in ("jobs", "executor", "address", "keep_going")}
+
+
+def _dtype_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    parse_dtype(name)  # validates
+    return DTYPES[name.lower()]
+
+
 def common_write_options(f):
+    f = push_options(f)
     f = click.option("--force", is_flag=True, help="Overwrite an existing output.")(f)
     f = click.option("--dtype", default=None, help="Output dtype (float32|float16|bfloat16); "
                      "default: the input's.")(f)
@@ -58,8 +143,45 @@ def common_write_options(f):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lorakit")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """lorakit: inspect, convert, merge, compose, resize, extract and transfer LoRA adapters."""
+    from lorakit.hub import record_writes
+
+    ctx.meta["lorakit.written"] = ctx.with_resource(record_writes())
+
+
+@cli.result_callback()
+@click.pass_context
+def _push_written(ctx: click.Context, result: Any, **_: Any) -> Any:
+    """After a writing command succeeded: upload its output for ``--push-to``."""
+    opts = ctx.meta.get("lorakit.push") or {}
+    if not opts.get("push_to"):
+        return result
+    from lorakit.hub import push
+
+    written = list(dict.fromkeys(p for p, _ in ctx.meta.get("lorakit.written") or []))
+    if len(written) != 1:
+        raise click.UsageError(f"--push-to needs exactly one written output, got {len(written)}")
+    prov = next(pr for p, pr in ctx.meta["lorakit.written"] if p == written[0])
+    res = push(written[0], opts["push_to"], revision=opts.get("revision"),
+               private=bool(opts.get("private")), dry_run=bool(opts.get("dry_run")),
+               card=prov if isinstance(prov, dict) else None, command=provenance([])["command"])
+    _echo_push(res, err=True)
+    return result
+
+
+def _echo_push(res: Any, err: bool = False) -> None:
+    where = res.repo_id + (f"@{res.revision}" if res.revision else "")
+    if res.dry_run:
+        vis = " (private)" if res.private else ""
+        click.echo(f"dry run: would upload {len(res.files)} files ({res.total_bytes:,} bytes) "
+                   f"to {where}{vis}:", err=err)
+        for path, n in res.files:
+            click.echo(f"  {path}  {n:,} bytes", err=err)
+    else:
+        click.echo(f"pushed {len(res.files)} files ({res.total_bytes:,} bytes) to {where}"
+                   + (f": {res.commit_url}" if res.commit_url else ""), err=err)
 
 
 @cli.command("inspect")
@@ -72,8 +194,10 @@ def inspect_cmd(paths: tuple[str, ...], as_json: bool, no_spectra: bool, max_row
     from lorakit.api import load
     from lorakit.inspect import inspect_adapter
     from lorakit.report import dumps, print_inspect
+    from lorakit.sources import expand
 
-    infos = [inspect_adapter(load(p), spectra=not no_spectra) for p in paths]
+    specs = [s.spec for s in expand(paths).sources]  # globs, collections, manifests, hf://
+    infos = [inspect_adapter(load(p), spectra=not no_spectra) for p in specs]
     if as_json:
         click.echo(dumps(infos if len(infos) > 1 else infos[0]))
         return
@@ -83,25 +207,42 @@ def inspect_cmd(paths: tuple[str, ...], as_json: bool, no_spectra: bool, max_row
 
 
 @cli.command("convert")
-@click.argument("src")
+@click.argument("sources", nargs=-1, required=True)
 @click.option("--to", "to", required=True, type=click.Choice(["peft", "diffusers", "kohya"]),
               help="Target format.")
-@click.option("-o", "--output", "out", required=True, help="Output folder (PEFT) or file.")
+@click.option("-o", "--output", "out", required=True,
+              help="Output folder (PEFT) or file; a folder for a collection.")
 @click.option("--component", default=None,
               help="Diffusion component to keep or assume (unet, text_encoder, transformer...).")
+@batch_options
+@click.option("--report", "report_file", default=None,
+              help="Write the result (a collection: each job's status, time, error; .json/.csv).")
 @common_write_options
-def convert_cmd(src: str, to: str, out: str, component: str | None, force: bool,
-                dtype: str | None, quiet: bool, as_json: bool) -> None:
-    """Convert an adapter between PEFT, diffusers and kohya layouts (updates are unchanged)."""
+def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | None,
+                report_file: str | None, force: bool, dtype: str | None, quiet: bool,
+                as_json: bool, **batch_kw: Any) -> None:
+    """Convert adapters between PEFT, diffusers and kohya layouts (updates are unchanged)."""
+    from pathlib import Path
+
     from lorakit.api import convert, load, save
     from lorakit.report import dumps
+    from lorakit.sources import expand
 
+    plan = expand(sources)
+    if plan.is_collection:
+        return run_batch_cli("convert", plan, out,
+                             {"to": to, "component": component, "dtype": _dtype_name(dtype)},
+                             _batch_kw(batch_kw), force=force, quiet=quiet, as_json=as_json,
+                             report_file=report_file)
+    src = plan.sources[0].spec
     adapter = load(src)
     converted = convert(adapter, to, component=component)
     written = save(converted, out, to, force=force, dtype=parse_dtype(dtype),
                    provenance=provenance([src]))
     result = {"source": src, "output": str(written), "format": to,
               "modules": len(converted.modules)}
+    if report_file:
+        Path(report_file).write_text(dumps(result))
     if as_json:
         click.echo(dumps(result))
     elif not quiet:
@@ -135,6 +276,14 @@ def policy_from(kwargs: dict[str, Any], default_required: bool = True):
     """Build a RankPolicy from the CLI's rank-policy options (popping them from kwargs)."""
     from lorakit.lowrank import RankPolicy
 
+    vals = policy_values(kwargs)
+    if not default_required and all(v is None for k, v in vals.items() if k != "conv_rank"):
+        return None
+    return RankPolicy.from_options(**vals)
+
+
+def policy_values(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The rank-policy options (popped from kwargs) as JSON-ready values (budget parsed)."""
     names = ("rank", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "threshold", "budget",
              "conv_rank")
     vals = {n: kwargs.pop(n, None) for n in names}
@@ -146,9 +295,7 @@ def policy_from(kwargs: dict[str, Any], default_required: bool = True):
         except ValueError as e:
             raise click.BadParameter(f"--budget {budget!r} is neither a count nor a fraction") \
                 from e
-    if not default_required and all(v is None for k, v in vals.items() if k != "conv_rank"):
-        return None
-    return RankPolicy.from_options(**vals)
+    return vals
 
 
 def device_option(f):
@@ -164,7 +311,9 @@ def device_option(f):
               help="Output format (default: the input's).")
 @rank_policy_options
 @device_option
-@click.option("--report", "report_file", default=None, help="Write the per-module report (JSON).")
+@batch_options
+@click.option("--report", "report_file", default=None, help="Write the per-module report "
+              "(JSON); for a collection, each job's status, time and error (.json or .csv).")
 @common_write_options
 def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
                report_file: str | None, force: bool, dtype: str | None, quiet: bool,
@@ -174,14 +323,24 @@ def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
 
     from lorakit.api import load, save
     from lorakit.compress.resize import resize
+    from lorakit.lowrank import RankPolicy
     from lorakit.report import dumps, print_resize
+    from lorakit.sources import expand
 
-    policy = policy_from(policy_kw)
-    many = len(sources) > 1
+    batch_kw = _batch_kw(policy_kw)
+    values = policy_values(policy_kw)
+    policy = RankPolicy.from_options(**values)
+    plan = expand(sources)
+    if plan.is_collection:
+        return run_batch_cli("resize", plan, out, {"policy": values, "to": to, "device": device,
+                                                   "dtype": _dtype_name(dtype)},
+                             batch_kw, force=force, quiet=quiet, as_json=as_json,
+                             report_file=report_file)
+    many = False
     results = []
-    for src in sources:
+    for src in (s.spec for s in plan.sources):
         adapter = load(src)
-        target = Path(out) / Path(src).name if many else Path(out)
+        target = Path(out)
         progress = None if quiet or as_json or not sys.stderr.isatty() else _progress_cb()
         resized, report = resize(adapter, policy, device=device, progress=progress)
         written = save(resized, target, to, force=force, dtype=parse_dtype(dtype),
@@ -221,7 +380,9 @@ def merge_cmd(sources: tuple[str, ...], method: str, weights: str | None, out: s
     from lorakit.api import load, save
     from lorakit.merge import merge
     from lorakit.report import dumps
+    from lorakit.sources import expand
 
+    sources = tuple(s.spec for s in expand(sources).sources)  # globs, collections, manifests
     if len(sources) < 2 and method not in ("linear", "task_arithmetic", "svd"):
         raise click.BadParameter("merge needs at least two sources")
     policy = policy_from(policy_kw, default_required=False)
@@ -304,7 +465,9 @@ def extract_cmd(base: str, tuned: str, out: str, max_rank: int, non_lora: str, s
 @click.option("--seed", type=int, default=0, show_default=True, help="Randomized SVD seed.")
 @rank_policy_options
 @device_option
-@click.option("--report", "report_file", default=None, help="Write the per-module report (JSON).")
+@batch_options
+@click.option("--report", "report_file", default=None, help="Write the per-module report "
+              "(JSON); for a collection, each job's status, time and error (.json or .csv).")
 @common_write_options
 def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
                 oversample: int, n_iter: int, seed: int, device: str, report_file: str | None,
@@ -315,16 +478,28 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
 
     from lorakit.api import load, save
     from lorakit.compress.squeeze import SqueezeOptions, squeeze_with
+    from lorakit.lowrank import RankPolicy
     from lorakit.report import dumps, print_resize
+    from lorakit.sources import expand
 
-    policy = policy_from(policy_kw)
+    batch_kw = _batch_kw(policy_kw)
+    values = policy_values(policy_kw)
+    policy = RankPolicy.from_options(**values)
     options = SqueezeOptions(method=method, oversample=oversample, n_iter=n_iter, seed=seed,
                              device=device)
-    many = len(sources) > 1
+    plan = expand(sources)
+    if plan.is_collection:
+        squeeze = {"method": method, "oversample": oversample, "n_iter": n_iter, "seed": seed,
+                   "device": device}
+        return run_batch_cli("squeeze", plan, out, {"policy": values, "squeeze": squeeze,
+                                                    "to": to, "dtype": _dtype_name(dtype)},
+                             batch_kw, force=force, quiet=quiet, as_json=as_json,
+                             report_file=report_file)
+    many = False
     results = []
-    for src in sources:
+    for src in (s.spec for s in plan.sources):
         adapter = load(src)
-        target = Path(out) / Path(src).name if many else Path(out)
+        target = Path(out)
         progress = None if quiet or as_json or not sys.stderr.isatty() else _progress_cb()
         small, report = squeeze_with(adapter, policy, options, progress=progress)
         written = save(small, target, to, force=force, dtype=parse_dtype(dtype),
@@ -339,6 +514,31 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
         click.echo(dumps(results if many else results[0]))
 
 
+@cli.command("push")
+@click.argument("folder")
+@click.argument("repo_id", metavar="ORG/REPO")
+@click.option("--revision", default=None, help="Branch to push to (created when missing).")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
+@click.option("--message", default=None, help="Commit message.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
+def push_cmd(folder: str, repo_id: str, revision: str | None, private: bool, dry_run: bool,
+             message: str | None, as_json: bool) -> None:
+    """Upload an adapter (folder or file) or a folder of adapters to the Hub with a model card.
+
+    The token comes from HF_TOKEN or `hf auth login` and is never printed.
+    """
+    from lorakit.hub import push
+    from lorakit.report import dumps
+
+    res = push(folder, repo_id, revision=revision, private=private, dry_run=dry_run,
+               commit_message=message, command=provenance([])["command"])
+    if as_json:
+        click.echo(dumps({**res.to_dict(), "card": res.card}))
+    else:
+        _echo_push(res)
+
+
 def _progress_cb():
     def cb(key: str) -> None:
         click.echo(f"\r  {key[:70]:<70}", nl=False, err=True)
@@ -346,10 +546,21 @@ def _progress_cb():
     return cb
 
 
+from lorakit.transfer.cli import transfer_cmd  # noqa: E402  (imports no transformers)
+
+cli.add_command(transfer_cmd)
+
+from lorakit.compose.cli import run_cmd  # noqa: E402
+
+cli.add_command(run_cmd)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point with the one-line error contract."""
     from lorakit.io import guard_inputs
 
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else None
     try:
         with guard_inputs():  # an output may never replace a file the command read
             cli.main(args=argv, prog_name="lorakit", standalone_mode=False)

@@ -33,7 +33,8 @@ class Format(str, enum.Enum):
 
 
 def load_adapter(path: str | Path, format: Format | str | None = None) -> Adapter:
-    """Load an adapter from a PEFT folder, a diffusers or kohya file, or a folder holding one.
+    """Load an adapter from a PEFT folder, a diffusers or kohya file, a folder holding one, or an
+    ``hf://org/repo[@revision][/subfolder]`` Hub source (fetched into the shared HF cache).
 
     Any failure is a :class:`~lorakit.errors.LorakitError` naming the file, key and problem.
 
@@ -42,6 +43,10 @@ def load_adapter(path: str | Path, format: Format | str | None = None) -> Adapte
         >>> a.source_format, len(a.modules)                              # doctest: +SKIP
         ('peft', 36)
     """
+    if isinstance(path, str) and path.startswith("hf://"):  # a Hub source (lorakit.sources)
+        from lorakit.sources import load_source
+
+        return load_source(path, format)
     path = Path(path)
     try:
         return _load(path, Format(format) if format else None)

@@ -1,0 +1,78 @@
+"""Ray executor on a real local Ray runtime (one module: the runtime is slow to start)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+from tests.conftest import real_adapter
+
+from ._gen import leftovers, make_collection, visible_files, write_corrupt
+
+ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
+
+REAL = ["bert_hareshj", "distilbert_emotion_dayanidhi", "distilbert_imdb_tashu",
+        "flan_t5_base_medqna", "gpt2_anirudh", "gpt2_phuongsky", "gpt2_r4_jhess",
+        "roberta_adalora_hadlay", "smollm135m_medai_5ep", "vit_food_lockheed"]
+KOHYA = ("sd15_kohyalike_timohavdk", "new.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_and_local_pool_give_identical_bytes(ray_runtime, tmp_path, capsys):
+    sources = [str(real_adapter(n)) for n in REAL]
+    sources += [str(p) for p in make_collection(tmp_path / "gen", 10)]
+    assert len(sources) == 20
+    sources.append(str(real_adapter(KOHYA[0]) / KOHYA[1]))  # a kohya file: see below
+    manifest = tmp_path / "sources.txt"
+    manifest.write_text("\n".join(sources) + "\n")
+    pool, on_ray = tmp_path / "pool", tmp_path / "ray"
+    main(["resize", str(manifest), "-o", str(pool), "--rank", "2", "--jobs", "2", "--quiet"])
+    main(["resize", str(manifest), "-o", str(on_ray), "--rank", "2", "--executor", "ray",
+          "--quiet", "--report", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["executor"] == "ray" and report["counts"]["done"] == 21
+    a, b = visible_files(pool), visible_files(on_ray)
+    assert len({k.split("/")[0] for k in a}) == 21
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k] and k != KOHYA[1]] == []  # 20 adapters, same bytes
+    # safetensors writes __metadata__ in hash-map order, which differs between processes, so a
+    # file with several metadata keys (kohya/diffusers) is identical in content, not in bytes
+    ta, ma = _read(pool / KOHYA[1])
+    tb, mb = _read(on_ray / KOHYA[1])
+    assert ma == mb and ta.keys() == tb.keys()
+    assert all(ta[k].dtype == tb[k].dtype and ta[k].equal(tb[k]) for k in ta)
+    capsys.readouterr()
+
+
+def _read(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
+
+
+def test_ray_keep_going_and_resume(ray_runtime, tmp_path, capsys):
+    ins, out = tmp_path / "in", tmp_path / "out"
+    make_collection(ins, 3)
+    write_corrupt(ins / "broken.safetensors")
+    with pytest.raises(SystemExit) as info:
+        main(["resize", str(ins), "-o", str(out), "--rank", "2", "--executor", "ray",
+              "--keep-going", "--json"])
+    assert info.value.code == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["counts"] == {"done": 3, "skipped": 0, "failed": 1, "not run": 0}
+    (failed,) = [j for j in result["jobs"] if j["status"] == "failed"]
+    assert "broken.safetensors" in failed["error"] and failed["error_type"] == "CorruptFileError"
+    (ins / "broken.safetensors").unlink()
+    main(["resize", str(ins), "-o", str(out), "--rank", "2", "--executor", "ray", "--json"])
+    again = json.loads(capsys.readouterr().out)
+    assert again["counts"] == {"done": 0, "skipped": 3, "failed": 0, "not run": 0}
+    assert leftovers(out) == []
