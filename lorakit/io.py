@@ -242,6 +242,27 @@ def read_json(path: Path) -> dict:
     return obj
 
 
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the ``__metadata__`` of a just-written safetensors file in sorted key order.
+
+    The safetensors writer emits metadata in hash-map order, which differs from process to
+    process, so equal outputs would not be equal bytes. The header is rewritten in place with the
+    same length (padded with spaces, which the format allows); tensor data is untouched.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n), object_pairs_hook=dict)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # never grow the header: keep the writer's bytes
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
@@ -249,6 +270,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     try:
         save_file(clean, str(path), metadata=metadata or None)
+        if metadata and len(metadata) > 1:
+            _sort_header_metadata(path)
     except LorakitError:
         raise
     except OSError as e:

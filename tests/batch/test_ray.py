@@ -30,7 +30,7 @@ def test_ray_and_local_pool_give_identical_bytes(ray_runtime, tmp_path, capsys):
     sources = [str(real_adapter(n)) for n in REAL]
     sources += [str(p) for p in make_collection(tmp_path / "gen", 10)]
     assert len(sources) == 20
-    sources.append(str(real_adapter(KOHYA[0]) / KOHYA[1]))  # a kohya file: see below
+    sources.append(str(real_adapter(KOHYA[0]) / KOHYA[1]))  # kohya: several metadata keys
     manifest = tmp_path / "sources.txt"
     manifest.write_text("\n".join(sources) + "\n")
     pool, on_ray = tmp_path / "pool", tmp_path / "ray"
@@ -42,21 +42,8 @@ def test_ray_and_local_pool_give_identical_bytes(ray_runtime, tmp_path, capsys):
     a, b = visible_files(pool), visible_files(on_ray)
     assert len({k.split("/")[0] for k in a}) == 21
     assert a.keys() == b.keys()
-    assert [k for k in a if a[k] != b[k] and k != KOHYA[1]] == []  # 20 adapters, same bytes
-    # safetensors writes __metadata__ in hash-map order, which differs between processes, so a
-    # file with several metadata keys (kohya/diffusers) is identical in content, not in bytes
-    ta, ma = _read(pool / KOHYA[1])
-    tb, mb = _read(on_ray / KOHYA[1])
-    assert ma == mb and ta.keys() == tb.keys()
-    assert all(ta[k].dtype == tb[k].dtype and ta[k].equal(tb[k]) for k in ta)
+    assert [k for k in a if a[k] != b[k]] == []  # 21 outputs (the kohya file too), same bytes
     capsys.readouterr()
-
-
-def _read(path):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
 
 
 def test_ray_keep_going_and_resume(ray_runtime, tmp_path, capsys):
