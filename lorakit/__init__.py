@@ -23,7 +23,21 @@ def resize(*args, **kwargs):
     return _resize(*args, **kwargs)
 
 
+def squeeze(*args, **kwargs):
+    """LoRA-Squeeze: post-hoc compression (see :func:`lorakit.compress.squeeze.squeeze`)."""
+    from lorakit.compress.squeeze import squeeze as _squeeze
+
+    return _squeeze(*args, **kwargs)
+
+
+def extract(*args, **kwargs):
+    """A LoRA from a fine-tuned checkpoint (see :func:`lorakit.compress.extract.extract`)."""
+    from lorakit.compress.extract import extract as _extract
+
+    return _extract(*args, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = ["Adapter", "LoraModule", "ModuleKind", "Format", "LorakitError", "load", "save",
-           "convert", "merge", "resize", "transfer", "pull", "push", "__version__"]
+           "convert", "merge", "resize", "squeeze", "extract", "transfer", "pull", "push", "__version__"]

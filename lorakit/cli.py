@@ -507,7 +507,7 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
         info = {"source": src, "output": str(written), **report.to_dict()}
         results.append(info)
         if not (quiet or as_json):
-            print_resize(info, _console())
+            print_resize(info, _console(), action="squeeze")
     if report_file:
         Path(report_file).write_text(dumps(results if many else results[0]))
     if as_json:

@@ -92,12 +92,13 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=str)
 
 
-def print_resize(info: dict[str, Any], console: Console, *, max_rows: int = 40) -> None:
-    """The per-module resize report: kept rank, energy kept, relative error."""
+def print_resize(info: dict[str, Any], console: Console, *, max_rows: int = 40,
+                 action: str = "resize") -> None:
+    """The per-module resize (or squeeze) report: kept rank, energy kept, relative error."""
     mods = info.get("modules", [])
     rows = [[m["key"], m.get("rank_before"), m.get("rank_after"), m.get("energy_kept"),
              m.get("rel_error")] for m in mods[:max_rows]]
-    render_table(f"resize {info['source']} -> {info['output']}",
+    render_table(f"{action} {info['source']} -> {info['output']}",
                  ["module", "r before", "r after", "energy kept", "rel. error"], rows, console)
     if len(mods) > max_rows:
         console.print(f"... {len(mods) - max_rows} more modules (use --json for all)")
