@@ -387,7 +387,7 @@ _SPECS: dict[str, tuple[Callable[[], tuple[list, list]], dict[str, Any]]] = {
                                    max_new_tokens=14,
                                    description="reverse the order of 3-5 words",
                                    source="generated from a 150-word list, seed 1234")),
-    "date": (make_date, dict(metric=Metric.EXACT_MATCH, template="{x} =>", max_new_tokens=8,
+    "date": (make_date, dict(metric=Metric.EXACT_MATCH, template="{x} =>", max_new_tokens=12,
                              description="ISO date -> '5 March 2024'",
                              source="generated, dates 1950-2049, seed 1234")),
     "wiki": (make_wiki, dict(metric=Metric.PERPLEXITY,
