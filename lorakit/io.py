@@ -313,7 +313,7 @@ def atomic_output(out: Path, *, force: bool = False, is_dir: bool = False) -> It
     parent = out.parent if str(out.parent) else Path(".")
     created: list[Path] = []
     try:
-        created = _make_parents(parent)
+        created = make_parents(parent)
         if is_dir:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
         else:
@@ -321,7 +321,7 @@ def atomic_output(out: Path, *, force: bool = False, is_dir: bool = False) -> It
             os.close(fd)
             tmp = Path(name)
     except OSError as e:
-        _remove_dirs(created)
+        remove_dirs(created)
         raise OutputWriteError(f"cannot create the output ({e.strerror or e})", path=out) from e
     try:
         yield tmp
@@ -331,16 +331,16 @@ def atomic_output(out: Path, *, force: bool = False, is_dir: bool = False) -> It
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists() or tmp.is_symlink():
             tmp.unlink()
-        _remove_dirs(created)
+        remove_dirs(created)
         if isinstance(e, LorakitError):
-            _repoint(e, tmp, out)
+            repoint_error(e, tmp, out)
         elif isinstance(e, OSError):
             raise OutputWriteError(f"cannot write the output ({e.strerror or e})",
                                    path=out) from e
         raise
 
 
-def _make_parents(parent: Path) -> list[Path]:
+def make_parents(parent: Path) -> list[Path]:
     """Create ``parent`` (and its missing ancestors); return the folders created, deepest first."""
     missing = []
     p = parent
@@ -351,7 +351,8 @@ def _make_parents(parent: Path) -> list[Path]:
     return missing
 
 
-def _remove_dirs(created: list[Path]) -> None:
+def remove_dirs(created: list[Path]) -> None:
+    """Remove folders :func:`make_parents` created, if they are still empty."""
     for d in created:  # deepest first; stop at the first that is not empty
         try:
             d.rmdir()
@@ -359,7 +360,7 @@ def _remove_dirs(created: list[Path]) -> None:
             break
 
 
-def _repoint(e: LorakitError, tmp: Path, out: Path) -> None:
+def repoint_error(e: LorakitError, tmp: Path, out: Path) -> None:
     """Name the user's output instead of the temporary path in an error raised while writing."""
     if e.path is None:
         return

@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from typing import Any
 from lorakit.adapter import Adapter
 from lorakit.compose.recipe import Recipe, Step, StepKind, is_hub, load_recipe, parse_recipe
 from lorakit.errors import LorakitError, OutputWriteError
+from lorakit.io import make_parents, remove_dirs, repoint_error
 
 
 @dataclass
@@ -140,11 +140,11 @@ class _Outputs:
         check_output(out, force)
         created: list[Path] = []
         try:
-            created = _make_parents(out.parent)
+            created = make_parents(out.parent)
             stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".recipe.tmp",
                                           dir=out.parent))
         except OSError as e:
-            _remove_dirs(created)
+            remove_dirs(created)
             raise OutputWriteError(f"cannot create the output ({e.strerror or e})",
                                    path=out) from e
         item = _Staged(step, out, stage, stage / out.name, force, created)
@@ -155,7 +155,7 @@ class _Outputs:
             item.written = save_adapter(adapter, stage / out.name, fmt, dtype=dtype,
                                         provenance=prov)
         except LorakitError as e:
-            _repoint(e, stage / out.name, out)
+            repoint_error(e, stage / out.name, out)
             raise
         return item
 
@@ -178,37 +178,8 @@ class _Outputs:
     def abort(self) -> None:
         for item in reversed(self.items):
             shutil.rmtree(item.stage, ignore_errors=True)
-            _remove_dirs(item.created)
+            remove_dirs(item.created)
         self.items = []
-
-
-def _remove_dirs(created: list[Path]) -> None:
-    for d in created:  # deepest first; stop at the first that is not empty
-        try:
-            d.rmdir()
-        except OSError:
-            break
-
-
-def _make_parents(parent: Path) -> list[Path]:
-    """Create ``parent`` and its missing ancestors; return those created, deepest first."""
-    missing = []
-    p = parent
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
-def _repoint(e: LorakitError, tmp: Path, out: Path) -> None:
-    """Name the user's output instead of the staging path in an error."""
-    if e.path is None:
-        return
-    t = str(tmp)
-    if e.path == t or e.path.startswith(t + os.sep):
-        e.path = str(out) + e.path[len(t):]
-        e.args = (e.message,)
 
 
 # --------------------------------------------------------------------------------- steps
