@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lorakit.adapter import LoraModule, ModuleKind
+from lorakit.adapter import LoraModule, ModuleKind, check_finite
 from lorakit.errors import (
     ConfigMismatchError,
     CorruptFileError,
@@ -80,7 +80,7 @@ def build_modules(parts: dict[str, dict[str, torch.Tensor]], alphas: dict[str, f
         mod = LoraModule(down=down, up=up, alpha=float(r if alpha is None else alpha),
                          rslora=rslora, magnitude=p.get("magnitude"), bias=p.get("bias"),
                          kind=kind)
-        mod.validate(key, str(path))
+        mod.validate(key, str(path), finite=False)
         mag = mod.magnitude  # PEFT: one value per output; kohya/LyCORIS dora_scale: per input
         if mag is not None and mag.numel() not in (int(up.shape[0]), int(down[0].numel())):
             raise ShapeMismatchError(
@@ -88,6 +88,7 @@ def build_modules(parts: dict[str, dict[str, torch.Tensor]], alphas: dict[str, f
                 f"values (one per output) or {int(down[0].numel())} (one per input)",
                 path=path, key=key)
         modules[key] = mod
+    check_finite(modules, str(path))
     return modules
 
 

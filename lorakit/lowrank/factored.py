@@ -176,11 +176,15 @@ def factored_core(b: torch.Tensor, a: torch.Tensor, coeffs: torch.Tensor | None 
 
 
 def back_project(core: Core, b: torch.Tensor, a: torch.Tensor, rank: int,
-                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 weights: torch.Tensor | None = None,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-``rank`` ``U (n, out, k)`` and ``Vh (n, k, in)`` in ``b``'s dtype.
 
     ``weights (n, k)`` scale column ``j`` of U and row ``j`` of Vh (folded into the small maps,
     no extra pass over the outputs): ``sqrt(S)`` gives balanced LoRA factors directly.
+    ``out``: contiguous ``(n, out, k)`` and ``(n, k, in)`` tensors to write into (reused work
+    buffers spare the page faults of fresh outputs).
     """
     k = max(0, min(rank, core.S.shape[-1]))
     with small_work(core.S.device, core.S.shape[-1]):
@@ -188,7 +192,10 @@ def back_project(core: Core, b: torch.Tensor, a: torch.Tensor, rank: int,
         if weights is not None:
             w = weights[..., :k].to(left.dtype)  # (n, k)
             left, right = left * w.unsqueeze(-2), w.unsqueeze(-1) * right
-    return b @ left.to(b.dtype), right.to(a.dtype) @ a  # (n, out, k), (n, k, in)
+    if out is None:
+        return b @ left.to(b.dtype), right.to(a.dtype) @ a  # (n, out, k), (n, k, in)
+    return (torch.matmul(b, left.to(b.dtype), out=out[0]),  # (n, out, k)
+            torch.matmul(right.to(a.dtype), a, out=out[1]))  # (n, k, in)
 
 
 def batched_factored_svd(B: torch.Tensor, A: torch.Tensor, *, rank: int | None = None,

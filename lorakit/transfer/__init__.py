@@ -19,6 +19,7 @@ from lorakit.transfer.pipeline import (
     FilterOptions,
     TransferOptions,
     TransferResult,
+    UnfilteredSize,
     select,
     transfer,
 )
@@ -31,7 +32,7 @@ from lorakit.transfer.train import StudentOptions
 __all__ = ["transfer", "TransferOptions", "TransferResult", "FilterOptions", "Baseline",
            "SynthOptions", "StudentOptions", "GenerateOptions", "PromptFormat", "Example",
            "read_examples", "write_examples", "Discriminator", "DiscriminatorOptions",
-           "train_discriminator", "build_discriminator", "select"]
+           "train_discriminator", "build_discriminator", "select", "UnfilteredSize"]
 
 
 class _CallableModule(types.ModuleType):

@@ -105,6 +105,9 @@ def _check_usage(kw: dict) -> None:
 @click.option("--baseline", "baselines", multiple=True,
               type=click.Choice(["seeds", "unfiltered", "copy"]),
               help="Also train/write this baseline (repeatable).")
+@click.option("--unfiltered-size", type=click.Choice(["matched", "all"]), default="matched",
+              show_default=True, help="The unfiltered baseline trains on as many synthetic inputs "
+              "as the filter kept (matched: the same data budget) or on all of them.")
 @click.option("--work-dir", help="Stage outputs, for resuming (default: OUT.work).")
 @click.option("--source-name", help="The Hub id a local --source-model is a copy of (compared "
               "with the adapter's base_model_name_or_path).")
@@ -126,6 +129,7 @@ def transfer_cmd(**kw) -> None:
         Baseline,
         FilterOptions,
         TransferOptions,
+        UnfilteredSize,
         transfer,
     )
     from lorakit.transfer.prompts import PromptFormat
@@ -170,6 +174,7 @@ def transfer_cmd(**kw) -> None:
         teacher_prompt=PromptFormat(unescape(teacher), special_tokens=not kw["no_special_tokens"])
         if teacher else None,
         baselines=tuple(Baseline(b) for b in kw["baselines"]),
+        unfiltered_size=UnfilteredSize(kw["unfiltered_size"]),
         check_base=not kw["no_check_base"], source_name=kw["source_name"],
         discriminator_model=kw["discriminator_model"],
         quiet=quiet, command=provenance([])["command"])

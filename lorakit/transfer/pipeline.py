@@ -51,8 +51,22 @@ class Baseline(str, enum.Enum):
     """Comparison adapters the command can also produce."""
 
     SEEDS = "seeds"  # trained on the seed examples only
-    UNFILTERED = "unfiltered"  # trained on every synthetic input, labelled by the teacher
+    UNFILTERED = "unfiltered"  # trained on synthetic inputs the filter did not choose
     COPY = "copy"  # the source weights as they are, when every module shape matches
+
+
+class UnfilteredSize(str, enum.Enum):
+    """How many synthetic inputs the ``unfiltered`` baseline trains on.
+
+    ``matched`` (default): as many as the filter kept, the first ones generated (an unbiased
+    sample, since generation order does not depend on the discriminator). Both adapters then see
+    the same amount of data, so the comparison measures what the filter chose, as in Trans-LoRA,
+    which synthesizes until the *filtered* set has the wanted size. ``all``: every synthetic
+    input (more data than the filtered adapter gets).
+    """
+
+    MATCHED = "matched"
+    ALL = "all"
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,7 @@ class TransferOptions:
     prompt: PromptFormat = PromptFormat()
     teacher_prompt: PromptFormat | None = None  # default: ``prompt``
     baselines: tuple[Baseline, ...] = ()
+    unfiltered_size: UnfilteredSize = UnfilteredSize.MATCHED
     check_base: bool = True
     source_name: str | None = None  # the Hub id a local --source-model stands for
     discriminator_model: str | None = None  # override the base model recorded in D
@@ -283,8 +298,7 @@ def _record(run: _Run, kind: str, data: list[Example], losses: list[float],
             "seeds": len(run.seeds),
             "synthetic_before_filter": c.get("synthetic_before_filter") if kind != "seeds" else 0,
             "synthetic_after_filter": (c.get("synthetic_after_filter") if kind == "transfer"
-                                       else c.get("synthetic_before_filter")
-                                       if kind == "unfiltered" else 0),
+                                       else len(data) if kind == "unfiltered" else 0),
             "filter": (f"keep top {filt.keep_top:g}" if filt.keep_top is not None
                        else f"threshold {filt.threshold:g}" if filt.threshold is not None
                        else "discriminator's threshold") if disc_path else "none",
@@ -365,12 +379,19 @@ def _baselines(run: _Run, unfiltered: list[Example] | None, fps: dict[str, str],
             if out.exists():
                 run.mark("baseline_copy", fp, "ran", started)
             continue
-        data = run.seeds if b is Baseline.SEEDS else unfiltered or []
+        data = run.seeds if b is Baseline.SEEDS else _unfiltered_data(run, unfiltered or [])
         run.stage(f"baseline_{b.value}", fp, out,
                   lambda data=data, out=out, b=b: _train(run, b.value, data, out, True,
                                                          disc_path if b is not Baseline.SEEDS
                                                          else None))
         run.result.baselines[b.value] = str(out)
+
+
+def _unfiltered_data(run: _Run, unfiltered: list[Example]) -> list[Example]:
+    """The unfiltered baseline's training set (see :class:`UnfilteredSize`)."""
+    if run.o.unfiltered_size is UnfilteredSize.ALL:
+        return unfiltered
+    return unfiltered[:run.result.counts.get("synthetic_after_filter", len(unfiltered))]
 
 
 def _fingerprints(run: _Run, disc_path: Path | None) -> dict[str, str]:
@@ -385,7 +406,8 @@ def _fingerprints(run: _Run, disc_path: Path | None) -> dict[str, str]:
     fps["labelled"] = _digest(["l", fps["filtered"], teacher])
     student = _digest([run.target.spec, options_dict(o.student), asdict(o.prompt)])
     fps["baseline_seeds"] = _digest(["bs", fps["seeds"], student])
-    fps["baseline_unfiltered"] = _digest(["bu", fps["labelled_unfiltered"], student])
+    fps["baseline_unfiltered"] = _digest(["bu", fps["labelled_unfiltered"], student,
+                                          o.unfiltered_size.value, fps["filtered"]])
     fps["baseline_copy"] = _digest(["bc", _file_digest(run.adapter), run.target.spec])
     return fps
 

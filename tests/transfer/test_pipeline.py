@@ -158,7 +158,11 @@ def test_baselines(run, tiny):
     assert seeds["kind"] == "seeds" and seeds["train_examples"] == 5
     unf = json.loads((Path(b["unfiltered"]) / "transfer.json").read_text())
     assert unf["kind"] == "unfiltered"
-    assert unf["train_examples"] == run["json"]["counts"]["synthetic_before_filter"]
+    # matched data budget (default): as many unfiltered inputs as the filter kept, the first ones
+    counts = run["json"]["counts"]
+    assert counts["synthetic_after_filter"] < counts["synthetic_before_filter"]
+    assert unf["train_examples"] == counts["synthetic_after_filter"]
+    assert unf["synthetic_after_filter"] == counts["synthetic_after_filter"]
     # Llama (source) and GPT-2 (target) shapes differ: the copy baseline says why it was skipped
     assert b["copy"].startswith("skipped: module 'model.layers.0.self_attn.q_proj'")
 
@@ -189,3 +193,17 @@ def test_resume_skips_finished_stages(run, tiny, disc):
     assert changed["stages"]["filtered"] == "ran" and changed["stages"]["labelled"] == "ran"
     assert changed["counts"]["synthetic_after_filter"] == changed["counts"][
         "synthetic_before_filter"]  # every probability is >= 0
+
+
+def test_unfiltered_baseline_size_rule():
+    from types import SimpleNamespace
+
+    from lorakit.transfer.pipeline import TransferOptions, UnfilteredSize, _unfiltered_data
+    from lorakit.transfer.records import Example
+
+    xs = [Example(str(i), str(i)) for i in range(10)]
+    result = SimpleNamespace(counts={"synthetic_after_filter": 4})
+    matched = SimpleNamespace(o=TransferOptions(), result=result)
+    assert [e.input for e in _unfiltered_data(matched, xs)] == ["0", "1", "2", "3"]
+    every = SimpleNamespace(o=TransferOptions(unfiltered_size=UnfilteredSize.ALL), result=result)
+    assert _unfiltered_data(every, xs) == xs
