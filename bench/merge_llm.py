@@ -13,7 +13,7 @@ Targets (issue 4): svd >= 200x faster than dense; command <= 1.5x the whole-proc
 load+save; in process <= 3.5x the bare; ties faster than the dense route, memory bounded by one
 module's dense updates.
 
-Usage: python bench/merge_llm.py [--layers 32] [--repeat 2] [--skip-ties-full]
+Usage: python bench/merge_llm.py [--layers 32] [--repeat 5] [--skip-ties-full]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resize_llm import SHAPES, best, child_peak, command_peak, run_process  # noqa: E402
+from resize_llm import SHAPES, child_peak, command_peak, run_process  # noqa: E402
 
 RANKS = (8, 16, 16, 32)
 OUT_RANK = 32
@@ -55,6 +55,18 @@ def make_adapter(folder: Path, layers: int, rank: int, seed: int) -> Path:
               "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
+
+
+def interleaved_best(fns, repeat: int) -> list[float]:
+    """Best wall time of each function over ``repeat`` rounds, the functions taking turns within a
+    round (so that a noisy phase of the machine hits them alike)."""
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for t, fn in zip(times, fns, strict=True):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [min(t) for t in times]
 
 
 def dense_routes(adapters, device) -> tuple[float, float, int]:
@@ -89,7 +101,7 @@ def dense_routes(adapters, device) -> tuple[float, float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-ties-full", action="store_true",
                     help="Time lorakit's ties on 4 layers and extrapolate (faster run).")
@@ -115,8 +127,8 @@ def main() -> None:
         lorakit.save(merged, tmp / "svd_out", force=True)
 
     bare()
-    t_bare = best(bare, args.repeat)
-    t_svd = best(ours_svd, args.repeat)
+    ours_svd()
+    t_bare, t_svd = interleaved_best([bare, ours_svd], args.repeat)
     py = sys.executable
     bare_cmd = [py, "-c", "import torch; from safetensors.torch import load_file, save_file; "
                 f"sds = [load_file(w) for w in {weights!r}]; "
@@ -124,8 +136,8 @@ def main() -> None:
     svd_cmd = [py, "-m", "lorakit.cli", "merge", *map(str, folders), "--method", "svd", "--rank",
                str(OUT_RANK), "-o", str(tmp / "svd_cli"), "--force", "--quiet",
                "--device", args.device]
-    t_bare_proc = min(run_process(bare_cmd) for _ in range(args.repeat))
-    t_svd_cli = min(run_process(svd_cmd) for _ in range(args.repeat))
+    t_bare_proc, t_svd_cli = interleaved_best(
+        [lambda: run_process(bare_cmd), lambda: run_process(svd_cmd)], args.repeat)
     rss_svd = command_peak(svd_cmd[3:])
     ads = [lorakit.load(f) for f in folders]
     if args.skip_ties_full:

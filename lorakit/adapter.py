@@ -36,7 +36,6 @@ import torch
 
 from lorakit.errors import NonFiniteError, ShapeMismatchError
 
-
 FINITE_SPAN = 1 << 20  # tensor entries per NaN/Inf scanning job
 
 
