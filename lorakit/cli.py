@@ -13,18 +13,22 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 
 from lorakit.errors import LorakitError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def _console(quiet: bool = False) -> Console:
+    from rich.console import Console  # imported on use: it costs ~0.1 s of every command's start
+
     return Console(quiet=quiet, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 
 

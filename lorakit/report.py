@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported where a table is drawn: commands that print none start faster
+    from rich.console import Console
 
 
 def fmt_num(x: Any, digits: int = 4) -> str:
@@ -32,6 +32,8 @@ def fmt_num(x: Any, digits: int = 4) -> str:
 
 def render_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                  console: Console) -> None:
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left", show_lines=False)
     for c in columns:
         table.add_column(c, overflow="fold")
