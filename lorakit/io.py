@@ -53,6 +53,12 @@ _ST_BITS = {
     "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64,
     "F8_E8M0": 8, "C64": 64,
 }
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 _MAX_HEADER = 100 * 1024 * 1024
 _LFS_SIZE = re.compile(rb"^size (\d+)$", re.MULTILINE)
 # Files read inside guard_inputs(): an output that is one of them, or a folder holding one, is
@@ -116,6 +122,12 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
     Every inconsistency (length past the end, bad JSON, offsets outside the data, unknown dtype,
     shape/size mismatch) raises :class:`CorruptFileError` naming the problem.
     """
+    header, meta, _ = _parse_header(path)
+    return header, meta
+
+
+def _parse_header(path: Path) -> tuple[dict, dict[str, str], int]:
+    """:func:`read_safetensors_header` plus the byte offset where the tensor data starts."""
     check_file(path)
     try:
         size = path.stat().st_size
@@ -152,7 +164,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
     data_len = size - 8 - n
     for key, entry in header.items():
         _check_entry(path, key, entry, data_len)
-    return header, meta
+    return header, meta, 8 + n
 
 
 def _check_entry(path: Path, key: str, entry: object, data_len: int) -> None:
@@ -183,11 +195,55 @@ def _check_entry(path: Path, key: str, entry: object, data_len: int) -> None:
                 key=key)
 
 
+def _check_tiling(path: Path, header: dict, data_len: int) -> None:
+    """The tensors must tile the data bytes exactly, in offset order (no gap, overlap or tail), as
+    the safetensors reader demands."""
+    pos = 0
+    for start, end, key in sorted((e["data_offsets"][0], e["data_offsets"][1], k)
+                                  for k, e in header.items()):
+        if start != pos:
+            raise CorruptFileError(
+                f"corrupt safetensors: tensor bytes start at {start} where {pos} was expected "
+                "(tensors must tile the data without gaps or overlaps)", path=path, key=key)
+        pos = end
+    if pos != data_len:
+        raise CorruptFileError(
+            f"corrupt safetensors: the tensors cover {pos} of the {data_len} data bytes",
+            path=path)
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load every tensor and the metadata of a safetensors file, with named errors."""
+    """Load every tensor and the metadata of a safetensors file, with named errors.
+
+    The file is memory-mapped copy-on-write (nothing is read until used; writing to a tensor never
+    changes the file) and every tensor is a view of that one mapping, as safetensors' own reader
+    does, without its per-tensor Python overhead. Tensors lying back to back in one mapping let
+    :func:`lorakit.adapter.check_finite` scan a whole file in one pass. Dtypes torch lacks, and
+    files whose tensors are not aligned to their element size, go through safetensors' reader.
+    """
+    header, meta, start = _parse_header(path)
+    size = path.stat().st_size
+    _check_tiling(path, header, size - start)
+    dtypes = {k: _TORCH_DTYPES.get(e["dtype"]) for k, e in header.items()}
+    aligned = all(dt is not None and (start + e["data_offsets"][0]) % dt.itemsize == 0
+                  for (k, e), dt in zip(header.items(), dtypes.values(), strict=True))
+    if not aligned:
+        return _read_with_safetensors(path), meta
+    try:
+        storage = torch.UntypedStorage.from_file(str(path), False, size)
+    except (OSError, RuntimeError) as e:
+        raise InputNotFoundError(f"cannot map the file ({e})", path=path) from e
+    base = torch.empty(0, dtype=torch.uint8).set_(storage)  # (size,) the whole file
+    tensors: dict[str, torch.Tensor] = {}
+    for key, e in header.items():
+        lo, hi = e["data_offsets"]
+        tensors[key] = base[start + lo:start + hi].view(dtypes[key]).view(e["shape"])
+    return tensors, meta
+
+
+def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    _, meta = read_safetensors_header(path)
     tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -196,7 +252,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except Exception as e:  # the Rust reader raises its own error type for any corrupt byte
         raise CorruptFileError(f"corrupt safetensors file ({type(e).__name__}: {e})",
                                path=path) from e
-    return tensors, meta
+    return tensors
 
 
 def read_pickle(path: Path) -> dict[str, torch.Tensor]:

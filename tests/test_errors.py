@@ -238,6 +238,111 @@ def test_corrupt_header_entry(tmp_path, field, value, problem):
     assert_names(load_error(p, CorruptFileError), p, problem, key=key)
 
 
+def _rewrite(p: Path, edit) -> None:
+    """Rewrite ``p``'s header through ``edit(header) -> header`` and keep its data bytes."""
+    raw = p.read_bytes()
+    n = header_len(p)
+    blob = json.dumps(edit(json.loads(raw[8:8 + n]))).encode()
+    p.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+@pytest.mark.parametrize("how,problem", [
+    ("overlap", "start at 0 where 96 was expected"),  # two tensors claim the same bytes
+    ("tail", "cover 224 of the 225 data bytes"),  # a stray byte after the last tensor
+])
+def test_tensors_must_tile_the_data(tmp_path, how, problem):
+    p = write_kohya(tmp_path / "lora.safetensors", kohya_tensors(alpha=None))
+    down, up = f"{KOHYA}.lora_down.weight", f"{KOHYA}.lora_up.weight"  # 128 and 96 bytes
+
+    def edit(h):
+        if how == "overlap":  # up moves onto down's first 96 bytes
+            first, second = sorted((down, up), key=lambda k: h[k]["data_offsets"][0])
+            h[second]["data_offsets"] = [0, h[second]["data_offsets"][1] - h[first]["data_offsets"][1]]
+        return h
+
+    _rewrite(p, edit)
+    if how == "tail":
+        p.write_bytes(p.read_bytes() + b"\0")
+    err = load_error(p, CorruptFileError)
+    assert_names(err, p, "corrupt safetensors", problem)
+
+
+def test_unaligned_tensors_are_read_through_safetensors(tmp_path):
+    """A writer that does not align tensors to their element size: read correctly all the same."""
+    down, up = rand(4, 8, seed=1), rand(6, 4, seed=2)
+    tail = [("flag", "U8", [1], b"\x01"), (f"{KOHYA}.lora_down.weight", "F32", [4, 8], down),
+            (f"{KOHYA}.lora_up.weight", "F32", [6, 4], up)]
+    header, data = {}, b""
+    for key, dtype, shape, value in tail:
+        raw = value if isinstance(value, bytes) else value.numpy().tobytes()
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    p = tmp_path / "lora.safetensors"
+    p.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    from lorakit.io import read_safetensors
+
+    tensors, _ = read_safetensors(p)
+    assert torch.equal(tensors[f"{KOHYA}.lora_down.weight"], down)
+    assert torch.equal(tensors[f"{KOHYA}.lora_up.weight"], up)
+    assert tensors["flag"].tolist() == [1]
+
+
+def test_reader_maps_the_file_copy_on_write(tmp_path):
+    """Every tensor is a view of one mapping; writing to one never changes the file, and the
+    values, dtypes and shapes equal safetensors' own reader's."""
+    from lorakit.io import read_safetensors
+
+    t = {"a": rand(3, 5).half(), "b": rand(7).double(), "c": torch.arange(6).reshape(2, 3),
+         "d": torch.tensor([True, False]), "e": rand(2, 2).bfloat16(), "f": torch.zeros(0, 4)}
+    p = tmp_path / "x.safetensors"
+    save_file(t, str(p))
+    before = p.read_bytes()
+    got, _ = read_safetensors(p)
+    ref = load_file(str(p))
+    for k in t:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    ptrs = {v.untyped_storage().data_ptr() for v in got.values() if v.numel()}
+    assert len(ptrs) == 1
+    got["a"].fill_(7)
+    got["b"].zero_()
+    assert p.read_bytes() == before
+    assert torch.equal(read_safetensors(p)[0]["a"], t["a"])
+
+
+def test_non_finite_scan_names_the_first_module_in_order(tmp_path):
+    """Tensors of one file are scanned as one run; the error still names the first bad module
+    in the adapter's order, whichever comes first in the file."""
+    mods = [f"model.layers.{i}.self_attn.q_proj" for i in range(12)]
+    t = {}
+    for i, mod in enumerate(mods):
+        t[f"base_model.model.{mod}.lora_A.weight"] = rand(4, 8, seed=i).half()
+        t[f"base_model.model.{mod}.lora_B.weight"] = rand(8, 4, seed=100 + i).half()
+    folder = write_peft(tmp_path / "ok", tensors=t)
+    adapter = lorakit.load(folder)
+    order = list(adapter.modules)
+    first, later = order[5], order[9]
+    for mod, where, bad in ((later, "lora_A", float("inf")), (first, "lora_B", float("nan"))):
+        t[f"base_model.model.{mod}.{where}.weight"][1, 2] = bad
+    folder = write_peft(tmp_path / "bad", tensors=t)
+    assert_names(load_error(folder, NonFiniteError), folder / "adapter_model.safetensors",
+                 "lora_B", "NaN or Inf", key=first)
+
+
+def test_flat_runs_cover_every_entry_once():
+    """Back-to-back views of one storage merge into one run; other tensors stay as they are."""
+    from lorakit.adapter import _flat_runs
+
+    base = torch.arange(40, dtype=torch.float32)
+    views = [base[0:10].view(2, 5), base[10:16], base[16:40].view(4, 6)]  # back to back
+    loose = [torch.ones(3, 3), base[0:40].view(8, 5).mT]  # separate storage; not contiguous
+    runs = _flat_runs([views[2], loose[0], views[0], views[1], loose[1]])
+    merged = [r for r in runs if r.numel() == 40 and r.is_contiguous()]
+    assert len(merged) == 1 and torch.equal(merged[0], base)
+    assert sorted(r.numel() for r in runs) == [9, 40, 40]
+
+
 def test_json_with_huge_integer_is_corrupt_not_a_crash(tmp_path):
     """json raises a plain ValueError for integers past int_max_str_digits."""
     p = write_kohya(tmp_path / "lora.safetensors")

@@ -22,7 +22,10 @@ Whatever the noise in ``W``, keeping every direction reproduces ``B A`` (``ib rb
 projector onto B's row space), so a resize to full rank is exact.
 
 Speed (2-core CPU): the ``R x R`` work runs single-threaded (:func:`small_work`): MKL's threads
-make a batched 64 x 64 ``eigh`` 2.5x slower, not faster.
+make a batched 64 x 64 ``eigh`` 2.5x slower, not faster. On CPU the Gram products go through
+numpy (:func:`gram_products`), whose matmul recognises a matrix times its own transpose and calls
+BLAS ``syrk``: half the multiply-adds, 1.35x (MLP shapes) to 1.7x (attention shapes) faster than
+torch's ``gemm`` at rank 72.
 
 Example:
     >>> import torch
@@ -162,6 +165,36 @@ def core_from_grams(gb: torch.Tensor, ga: torch.Tensor, coeffs: torch.Tensor | N
     return Core(s, ib, w, rb, inv * torch.sign(c).unsqueeze(-1))
 
 
+def _numpy_ok(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+               and not t.requires_grad for t in ts)
+
+
+def gram_products(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b^T b`` and ``a a^T`` ``(n, R, R)`` for ``b (n, out, R)`` and ``a (n, R, in)``, in their dtype.
+
+    CPU float32/float64 tensors go through numpy's matmul, which hands ``x^T x`` to BLAS ``syrk``
+    (one triangle, half the multiply-adds) where torch runs a full ``gemm``; other devices and
+    dtypes, and tensors that need gradients, use torch.
+
+    Example:
+        >>> gb, ga = gram_products(torch.ones(1, 3, 2), torch.ones(1, 2, 5))
+        >>> gb[0].tolist(), ga[0].tolist()
+        ([[3.0, 3.0], [3.0, 3.0]], [[5.0, 5.0], [5.0, 5.0]])
+    """
+    if not _numpy_ok(b, a):
+        return b.mT @ b, a @ a.mT
+    import numpy as np
+
+    n, r = b.shape[0], b.shape[-1]
+    bn, an = b.numpy(), a.numpy()  # views, no copies
+    gb, ga = np.empty((n, r, r), bn.dtype), np.empty((n, r, r), an.dtype)
+    for j in range(n):  # one 2-D product per item: the same buffer transposed selects syrk
+        np.matmul(bn[j].T, bn[j], out=gb[j])
+        np.matmul(an[j], an[j].T, out=ga[j])
+    return torch.from_numpy(gb), torch.from_numpy(ga)
+
+
 def factored_core(b: torch.Tensor, a: torch.Tensor, coeffs: torch.Tensor | None = None,
                   col_scale: torch.Tensor | None = None) -> Core:
     """Gram products of ``b (n, out, R)`` and ``a (n, R, in)`` (in their dtype) and the small
@@ -172,7 +205,7 @@ def factored_core(b: torch.Tensor, a: torch.Tensor, coeffs: torch.Tensor | None 
         >>> tuple(core.left.shape), tuple(core.S.shape)
         ((2, 3, 3), (2, 3))
     """
-    return core_from_grams(b.mT @ b, a @ a.mT, coeffs, col_scale)  # (n, R, R) each
+    return core_from_grams(*gram_products(b, a), coeffs, col_scale)  # (n, R, R) each
 
 
 def back_project(core: Core, b: torch.Tensor, a: torch.Tensor, rank: int,
@@ -192,10 +225,23 @@ def back_project(core: Core, b: torch.Tensor, a: torch.Tensor, rank: int,
         if weights is not None:
             w = weights[..., :k].to(left.dtype)  # (n, k)
             left, right = left * w.unsqueeze(-2), w.unsqueeze(-1) * right
+    right = right.to(a.dtype)  # (n, k, R)
     if out is None:
-        return b @ left.to(b.dtype), right.to(a.dtype) @ a  # (n, out, k), (n, k, in)
-    return (torch.matmul(b, left.to(b.dtype), out=out[0]),  # (n, out, k)
-            torch.matmul(right.to(a.dtype), a, out=out[1]))  # (n, k, in)
+        up = b @ left.to(b.dtype)  # (n, out, k)
+        down = torch.empty(*right.shape[:-1], a.shape[-1], dtype=a.dtype, device=a.device)
+    else:
+        up = torch.matmul(b, left.to(b.dtype), out=out[0])  # (n, out, k)
+        down = out[1]  # (n, k, in)
+    if _numpy_ok(right, a, down) and down.is_contiguous():
+        # numpy's BLAS (OpenBLAS) runs this wide product 20-25% faster than torch's
+        import numpy as np
+
+        rn, an, dn = right.numpy(), a.numpy(), down.numpy()
+        for j in range(dn.shape[0]):
+            np.matmul(rn[j], an[j], out=dn[j])
+    else:
+        torch.matmul(right, a, out=down)
+    return up, down
 
 
 def batched_factored_svd(B: torch.Tensor, A: torch.Tensor, *, rank: int | None = None,

@@ -5,8 +5,10 @@ factors, batched ``R x R`` decompositions (fastest single-threaded, see
 :func:`lorakit.lowrank.factored.small_work`), casts of the outputs, and skinny Gram products that
 MKL barely speeds up with a second thread. Running whole independent jobs (chunks of modules,
 tensors to check) side by side, each single-threaded, keeps every core busy through all of it.
-While jobs run, torch's intra-op thread count is 1 (process-wide, restored after); torch releases
-the GIL inside its kernels, so plain Python threads suffice.
+While jobs run, torch's intra-op thread count is 1, and so is that of the BLAS libraries numpy and
+scipy loaded (through threadpoolctl; the engine's Gram products run in numpy); both are
+process-wide and restored after. torch and numpy release the GIL inside their kernels, so plain
+Python threads suffice.
 
 Jobs run in parallel only on CPU, with more than one intra-op thread and at least
 ``MIN_JOBS_PER_WORKER`` jobs per worker; otherwise they run in order on the calling thread with
@@ -19,8 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import TypeVar
 
 import torch
@@ -46,6 +50,26 @@ def workers_for(n_jobs: int, device: torch.device | str = "cpu") -> int:
     return threads
 
 
+@functools.cache
+def _blas_controller():  # type: ignore[no-untyped-def]
+    """The BLAS libraries loaded by numpy and scipy (found once: a scan takes about 3 ms)."""
+    import numpy  # noqa: F401 - loads numpy's BLAS so the controller sees it
+    import scipy.linalg  # noqa: F401
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def single_threaded_blas() -> AbstractContextManager:
+    """numpy's and scipy's BLAS limited to one thread inside the block (restored after).
+
+    Example:
+        >>> with single_threaded_blas():
+        ...     pass
+    """
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
 def parallel_map(fn: Callable[[J], R], jobs: Iterable[J], *,
                  device: torch.device | str = "cpu") -> Iterator[R]:
     """``fn`` over ``jobs``, results yielded in job order (see the module docstring for when the
@@ -64,7 +88,7 @@ def parallel_map(fn: Callable[[J], R], jobs: Iterable[J], *,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="lorakit") as pool:
+        with single_threaded_blas(), ThreadPoolExecutor(max_workers=n, thread_name_prefix="lorakit") as pool:
             futures = [pool.submit(fn, job) for job in jobs]
             try:
                 for fut in futures:
