@@ -5,9 +5,9 @@ factors, batched ``R x R`` decompositions (fastest single-threaded, see
 :func:`lorakit.lowrank.factored.small_work`), casts of the outputs, and skinny Gram products that
 MKL barely speeds up with a second thread. Running whole independent jobs (chunks of modules,
 tensors to check) side by side, each single-threaded, keeps every core busy through all of it.
-While jobs run, torch's intra-op thread count is 1, and so is that of the BLAS libraries numpy and
-scipy loaded (through threadpoolctl; the engine's Gram products run in numpy); both are
-process-wide and restored after. torch and numpy release the GIL inside their kernels, so plain
+While jobs run, torch's intra-op thread count is 1, and so is that of the BLAS libraries loaded
+when the first parallel map ran, numpy's among them (through threadpoolctl; the engine's Gram
+products run in numpy); both are process-wide and restored after. torch and numpy release the GIL inside their kernels, so plain
 Python threads suffice.
 
 Jobs run in parallel only on CPU, with more than one intra-op thread and at least
@@ -52,16 +52,17 @@ def workers_for(n_jobs: int, device: torch.device | str = "cpu") -> int:
 
 @functools.cache
 def _blas_controller():  # type: ignore[no-untyped-def]
-    """The BLAS libraries loaded by numpy and scipy (found once: a scan takes about 3 ms)."""
+    """The BLAS libraries loaded so far, numpy's among them (found once: a scan takes about 3 ms;
+    scipy.linalg is not imported for it, which would cost 0.17 s: the engine runs none of it)."""
     import numpy  # noqa: F401 - loads numpy's BLAS so the controller sees it
-    import scipy.linalg  # noqa: F401
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
 
 
 def single_threaded_blas() -> AbstractContextManager:
-    """numpy's and scipy's BLAS limited to one thread inside the block (restored after).
+    """numpy's BLAS (and any other loaded then) limited to one thread inside the block (restored
+    after).
 
     Example:
         >>> with single_threaded_blas():
