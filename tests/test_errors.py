@@ -17,12 +17,12 @@ import struct
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 from conftest import require_real
 from safetensors.torch import load_file, save_file
 
 import lorakit
+import lorakit.io
 from lorakit.cli import main
 from lorakit.errors import (
     ConfigMismatchError,
@@ -650,9 +650,9 @@ def test_existing_output_needs_force(tmp_path, capsys, to, name):
 
 
 def _partial_writer(exc: BaseException):
-    def write(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:  # part of a file, then the failure
-            f.write(b"\x00" * 64)
+    """Stands in for lorakit.io._write_all: part of the file, then the failure."""
+    def write(fd, data):
+        os.write(fd, b"\x00" * 64)
         raise exc
 
     return write
@@ -667,7 +667,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, to, name, exc):
     adapter = lorakit.convert(lorakit.load(write_peft(tmp_path / "src")), to)
     outs = tmp_path / "outs" / "nested"  # created by the save, removed again on failure
     out = outs / name
-    monkeypatch.setattr(safetensors.torch, "save_file", _partial_writer(exc))
+    monkeypatch.setattr(lorakit.io, "_write_all", _partial_writer(exc))
     expected = KeyboardInterrupt if isinstance(exc, KeyboardInterrupt) else OutputWriteError
     with pytest.raises(expected) as info:
         lorakit.save(adapter, out, to)
@@ -686,8 +686,7 @@ def test_failed_write_keeps_existing_output_and_folder(tmp_path, monkeypatch):
     (outs / "other.txt").write_text("unrelated")
     out = lorakit.save(adapter, outs / "lora.safetensors")
     before = snapshot(outs)
-    monkeypatch.setattr(safetensors.torch, "save_file",
-                        _partial_writer(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(lorakit.io, "_write_all", _partial_writer(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OutputWriteError):
         lorakit.save(adapter, out, force=True)
     assert snapshot(outs) == before  # the old output intact, no temporary file beside it
