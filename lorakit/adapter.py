@@ -196,8 +196,8 @@ def check_finite(modules: dict[str, LoraModule], path: str | None = None) -> Non
 
     Tensors that lie back to back in one storage (every tensor of a file read by
     :func:`lorakit.io.read_safetensors`) are scanned as one flat run, one multi-threaded pass per
-    file instead of a call per tensor (3x faster on the 343 MiB inputs of bench/merge_llm.py). Only when a
-    run holds a bad value are its tensors rescanned one by one, in order, to name it.
+    file instead of a call per tensor (3x faster on the 343 MiB inputs of bench/merge_llm.py).
+    Only when a run holds a bad value are its tensors rescanned one by one, in order, to name it.
 
     Example:
         >>> m = LoraModule(torch.ones(2, 3), torch.full((4, 2), float("nan")), alpha=2)
