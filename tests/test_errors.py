@@ -257,7 +257,8 @@ def test_tensors_must_tile_the_data(tmp_path, how, problem):
     def edit(h):
         if how == "overlap":  # up moves onto down's first 96 bytes
             first, second = sorted((down, up), key=lambda k: h[k]["data_offsets"][0])
-            h[second]["data_offsets"] = [0, h[second]["data_offsets"][1] - h[first]["data_offsets"][1]]
+            size = h[second]["data_offsets"][1] - h[first]["data_offsets"][1]
+            h[second]["data_offsets"] = [0, size]
         return h
 
     _rewrite(p, edit)
@@ -275,7 +276,8 @@ def test_unaligned_tensors_are_read_through_safetensors(tmp_path):
     header, data = {}, b""
     for key, dtype, shape, value in tail:
         raw = value if isinstance(value, bytes) else value.numpy().tobytes()
-        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        header[key] = {"dtype": dtype, "shape": shape,
+                       "data_offsets": [len(data), len(data) + len(raw)]}
         data += raw
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)

@@ -62,9 +62,10 @@ def _fill(items: list[Sequence[TermT]], b: torch.Tensor, a: torch.Tensor,
     """Copy every item's stacked factors into ``b (n, out, R)`` and ``a (n, R, in)``; return the
     per-column coefficients ``(n, R)`` (applied to the small Gram, not to the copies).
 
-    ``staging(dtype, device)``: a reused ``(out, R)`` buffer of the inputs' dtype and device. B's columns are
-    concatenated there, then converted in one contiguous copy: 1.3-1.6x faster than a fresh
-    ``torch.cat`` (page faults) and than converting narrow strided column blocks one by one."""
+    ``staging(dtype, device)``: a reused ``(out, R)`` buffer of the inputs' dtype and device.
+    B's columns are concatenated there, then converted in one contiguous copy: 1.3-1.6x faster
+    than a fresh ``torch.cat`` (page faults) and than converting narrow strided column blocks one
+    by one."""
     scale = torch.ones(b.shape[0], b.shape[2], dtype=torch.float64)
     for j, terms in enumerate(items):
         ups = [up for up, _, _ in terms]

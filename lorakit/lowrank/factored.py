@@ -171,7 +171,8 @@ def _numpy_ok(*ts: torch.Tensor) -> bool:
 
 
 def gram_products(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``b^T b`` and ``a a^T`` ``(n, R, R)`` for ``b (n, out, R)`` and ``a (n, R, in)``, in their dtype.
+    """``b^T b`` and ``a a^T`` ``(n, R, R)`` for ``b (n, out, R)`` and ``a (n, R, in)``, in their
+    dtype.
 
     CPU float32/float64 tensors go through numpy's matmul, which hands ``x^T x`` to BLAS ``syrk``
     (one triangle, half the multiply-adds) where torch runs a full ``gemm``; other devices and

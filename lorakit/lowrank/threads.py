@@ -7,8 +7,8 @@ MKL barely speeds up with a second thread. Running whole independent jobs (chunk
 tensors to check) side by side, each single-threaded, keeps every core busy through all of it.
 While jobs run, torch's intra-op thread count is 1, and so is that of the BLAS libraries loaded
 when the first parallel map ran, numpy's among them (through threadpoolctl; the engine's Gram
-products run in numpy); both are process-wide and restored after. torch and numpy release the GIL inside their kernels, so plain
-Python threads suffice.
+products run in numpy); both are process-wide and restored after. torch and numpy release the
+GIL inside their kernels, so plain Python threads suffice.
 
 Jobs run in parallel only on CPU, with more than one intra-op thread and at least
 ``MIN_JOBS_PER_WORKER`` jobs per worker; otherwise they run in order on the calling thread with
@@ -89,7 +89,8 @@ def parallel_map(fn: Callable[[J], R], jobs: Iterable[J], *,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with single_threaded_blas(), ThreadPoolExecutor(max_workers=n, thread_name_prefix="lorakit") as pool:
+        with (single_threaded_blas(),
+              ThreadPoolExecutor(max_workers=n, thread_name_prefix="lorakit") as pool):
             futures = [pool.submit(fn, job) for job in jobs]
             try:
                 for fut in futures:
