@@ -157,7 +157,8 @@ def _parse_header(path: Path) -> tuple[dict, dict[str, str], int]:
         raise CorruptFileError(f"corrupt safetensors header (not valid JSON: {e})", path=path) from e
     if not isinstance(header, dict):
         raise CorruptFileError("corrupt safetensors header (not a JSON object)", path=path)
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta  # null is "no metadata"; [] or "" are not maps
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CorruptFileError("corrupt safetensors metadata (must map strings to strings)",
                                path=path)
@@ -173,9 +174,11 @@ def _check_entry(path: Path, key: str, entry: object, data_len: int) -> None:
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _ST_DTYPES:  # a list/dict is unhashable
         raise CorruptFileError(f"unknown dtype {dtype!r}", path=path, key=key)
-    if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-            or not isinstance(offs, list) or len(offs) != 2
-            or not all(isinstance(o, int) for o in offs)):
+    def whole(x: object) -> bool:  # a JSON integer (json gives true/false as bool, an int type)
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if (not isinstance(shape, list) or not all(whole(s) and s >= 0 for s in shape)
+            or not isinstance(offs, list) or len(offs) != 2 or not all(whole(o) for o in offs)):
         raise CorruptFileError("corrupt header entry (bad shape or data_offsets)", path=path,
                                key=key)
     start, end = offs

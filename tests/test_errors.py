@@ -223,6 +223,8 @@ def test_corrupt_header_length(tmp_path):
     ("dtype", "Q7", "unknown dtype 'Q7'"),
     ("dtype", ["F32"], "unknown dtype ['F32']"),
     ("shape", [6, "4"], "bad shape or data_offsets"),
+    ("shape", [True, 24], "bad shape or data_offsets"),  # JSON true is no dimension
+    ("data_offsets", [False, 96], "bad shape or data_offsets"),
     ("shape", [6, 5], "needs 120 bytes but data_offsets give 96"),
     ("data_offsets", [0, 10**9], "lie outside"),
 ])
@@ -266,6 +268,13 @@ def test_tensors_must_tile_the_data(tmp_path, how, problem):
         p.write_bytes(p.read_bytes() + b"\0")
     err = load_error(p, CorruptFileError)
     assert_names(err, p, "corrupt safetensors", problem)
+
+
+@pytest.mark.parametrize("meta", [[], "", 0])
+def test_metadata_must_be_a_map(tmp_path, meta):
+    p = write_kohya(tmp_path / "lora.safetensors")
+    _rewrite(p, lambda h: {**h, "__metadata__": meta})
+    assert_names(load_error(p, CorruptFileError), p, "metadata", "must map strings to strings")
 
 
 def test_unaligned_tensors_are_read_through_safetensors(tmp_path):
