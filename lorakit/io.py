@@ -223,6 +223,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     does, without its per-tensor Python overhead. Tensors lying back to back in one mapping let
     :func:`lorakit.adapter.check_finite` scan a whole file in one pass. Dtypes torch lacks, and
     files whose tensors are not aligned to their element size, go through safetensors' reader.
+    Like any view, a tensor keeps the whole mapping alive, and ``torch.save`` of it alone writes
+    the whole file's bytes (``.clone()`` first).
     """
     header, meta, start = _parse_header(path)
     size = path.stat().st_size
