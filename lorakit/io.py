@@ -59,6 +59,7 @@ _TORCH_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+_ST_NAMES = {dt: name for name, dt in _TORCH_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 _LFS_SIZE = re.compile(rb"^size (\d+)$", re.MULTILINE)
 # Files read inside guard_inputs(): an output that is one of them, or a folder holding one, is
@@ -168,17 +169,19 @@ def _parse_header(path: Path) -> tuple[dict, dict[str, str], int]:
     return header, meta, 8 + n
 
 
+def _whole(x: object) -> bool:
+    """A JSON integer (json reads true/false as bool, which Python counts as an int)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check_entry(path: Path, key: str, entry: object, data_len: int) -> None:
     if not isinstance(entry, dict):
         raise CorruptFileError("corrupt header entry (not an object)", path=path, key=key)
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _ST_DTYPES:  # a list/dict is unhashable
         raise CorruptFileError(f"unknown dtype {dtype!r}", path=path, key=key)
-    def whole(x: object) -> bool:  # a JSON integer (json gives true/false as bool, an int type)
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    if (not isinstance(shape, list) or not all(whole(s) and s >= 0 for s in shape)
-            or not isinstance(offs, list) or len(offs) != 2 or not all(whole(o) for o in offs)):
+    if (not isinstance(shape, list) or not all(_whole(s) and s >= 0 for s in shape)
+            or not isinstance(offs, list) or len(offs) != 2 or not all(_whole(o) for o in offs)):
         raise CorruptFileError("corrupt header entry (bad shape or data_offsets)", path=path,
                                key=key)
     start, end = offs
@@ -230,9 +233,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     size = path.stat().st_size
     _check_tiling(path, header, size - start)
     dtypes = {k: _TORCH_DTYPES.get(e["dtype"]) for k, e in header.items()}
-    aligned = all(dt is not None and (start + e["data_offsets"][0]) % dt.itemsize == 0
-                  for (k, e), dt in zip(header.items(), dtypes.values(), strict=True))
-    if not aligned:
+    if not all(dt is not None and (start + header[k]["data_offsets"][0]) % dt.itemsize == 0
+               for k, dt in dtypes.items()):
         return _read_with_safetensors(path), meta
     try:
         storage = torch.UntypedStorage.from_file(str(path), False, size)
@@ -319,7 +321,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
     order; this one is 1.4x faster on a 153 MiB adapter and gives equal bytes for equal inputs.
     Dtypes torch has but safetensors lacks raise :class:`OutputWriteError`.
     """
-    names = {dt: name for name, dt in _TORCH_DTYPES.items()}
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = metadata or {}
     bad_meta = next((k for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str))),
@@ -328,7 +329,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
         raise OutputWriteError(f"cannot write safetensors: metadata {bad_meta!r} is not a string "
                                "mapped to a string", path=path)
     for k, v in clean.items():
-        if v.dtype not in names:
+        if v.dtype not in _ST_NAMES:
             raise OutputWriteError(f"cannot write safetensors: dtype {v.dtype} has no safetensors "
                                    "name", path=path, key=k)
     order = sorted(clean, key=lambda k: (-clean[k].element_size(), k))
@@ -336,7 +337,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
     pos = 0
     for k in order:
         n = clean[k].numel() * clean[k].element_size()
-        header[k] = {"dtype": names[clean[k].dtype], "shape": list(clean[k].shape),
+        header[k] = {"dtype": _ST_NAMES[clean[k].dtype], "shape": list(clean[k].shape),
                      "data_offsets": [pos, pos + n]}
         pos += n
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()

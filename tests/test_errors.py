@@ -113,6 +113,14 @@ def header_len(path: Path) -> int:
     return struct.unpack("<Q", path.read_bytes()[:8])[0]
 
 
+def _rewrite(p: Path, edit) -> None:
+    """Rewrite ``p``'s header through ``edit(header) -> header`` and keep its data bytes."""
+    raw = p.read_bytes()
+    n = header_len(p)
+    blob = json.dumps(edit(json.loads(raw[8:8 + n]))).encode()
+    p.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
 # ------------------------------------------------------------------------ missing or empty paths
 
 
@@ -230,22 +238,9 @@ def test_corrupt_header_length(tmp_path):
 ])
 def test_corrupt_header_entry(tmp_path, field, value, problem):
     p = write_kohya(tmp_path / "lora.safetensors")
-    raw = p.read_bytes()
-    n = header_len(p)
-    header = json.loads(raw[8:8 + n])
     key = f"{KOHYA}.lora_up.weight"
-    header[key][field] = value
-    blob = json.dumps(header).encode()
-    p.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    _rewrite(p, lambda h: {**h, key: {**h[key], field: value}})
     assert_names(load_error(p, CorruptFileError), p, problem, key=key)
-
-
-def _rewrite(p: Path, edit) -> None:
-    """Rewrite ``p``'s header through ``edit(header) -> header`` and keep its data bytes."""
-    raw = p.read_bytes()
-    n = header_len(p)
-    blob = json.dumps(edit(json.loads(raw[8:8 + n]))).encode()
-    p.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
 
 
 @pytest.mark.parametrize("how,problem", [

@@ -170,6 +170,15 @@ def _numpy_ok(*ts: torch.Tensor) -> bool:
                and not t.requires_grad for t in ts)
 
 
+def _numpy_bmm(x, y, out) -> None:  # type: ignore[no-untyped-def]
+    """``out[j] = x[j] @ y[j]`` for numpy arrays, one 2-D BLAS call per item (numpy's BLAS, and
+    ``syrk`` where ``x[j]`` is ``y[j]`` transposed)."""
+    import numpy as np
+
+    for j in range(out.shape[0]):
+        np.matmul(x[j], y[j], out=out[j])
+
+
 def gram_products(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``b^T b`` and ``a a^T`` ``(n, R, R)`` for ``b (n, out, R)`` and ``a (n, R, in)``, in their
     dtype.
@@ -185,15 +194,13 @@ def gram_products(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch
     """
     if not _numpy_ok(b, a):
         return b.mT @ b, a @ a.mT
-    import numpy as np
-
     n, r = b.shape[0], b.shape[-1]
+    gb = torch.empty(n, r, r, dtype=b.dtype)  # (n, R, R)
+    ga = torch.empty(n, r, r, dtype=a.dtype)  # (n, R, R)
     bn, an = b.numpy(), a.numpy()  # views, no copies
-    gb, ga = np.empty((n, r, r), bn.dtype), np.empty((n, r, r), an.dtype)
-    for j in range(n):  # one 2-D product per item: the same buffer transposed selects syrk
-        np.matmul(bn[j].T, bn[j], out=gb[j])
-        np.matmul(an[j], an[j].T, out=ga[j])
-    return torch.from_numpy(gb), torch.from_numpy(ga)
+    _numpy_bmm(bn.transpose(0, 2, 1), bn, gb.numpy())
+    _numpy_bmm(an, an.transpose(0, 2, 1), ga.numpy())
+    return gb, ga
 
 
 def factored_core(b: torch.Tensor, a: torch.Tensor, coeffs: torch.Tensor | None = None,
@@ -235,11 +242,7 @@ def back_project(core: Core, b: torch.Tensor, a: torch.Tensor, rank: int,
         down = out[1]  # (n, k, in)
     if _numpy_ok(right, a, down) and down.is_contiguous():
         # numpy's BLAS (OpenBLAS) runs this wide product 20-25% faster than torch's
-        import numpy as np
-
-        rn, an, dn = right.numpy(), a.numpy(), down.numpy()
-        for j in range(dn.shape[0]):
-            np.matmul(rn[j], an[j], out=dn[j])
+        _numpy_bmm(right.numpy(), a.numpy(), down.numpy())
     else:
         torch.matmul(right, a, out=down)
     return up, down
