@@ -1,14 +1,21 @@
-"""Load and save adapters in PEFT, diffusers and kohya formats, with auto-detection.
+"""Read and write adapters in every layout lorakit knows, with auto-detection.
+
+The load path runs one way: a *source* resolves to local files (:mod:`lorakit.sources`,
+:mod:`lorakit.hub`, not here); :func:`load_adapter` takes a local path, detection
+(:mod:`lorakit.formats.detect`) picks the layout, the layout reads an :class:`Adapter`, the
+family (:mod:`lorakit.formats.families`) is detected from its module names and every tensor is
+accounted for (:mod:`lorakit.formats.coverage`). Writing (:func:`save_adapter`) moves the
+adapter to the naming the target layout needs (:mod:`lorakit.formats.rename`: fused <-> split,
+exactly) and writes it. :mod:`lorakit.formats.registry` is the table of layouts and families.
 
 Example:
     >>> from lorakit.formats import load_adapter, save_adapter          # doctest: +SKIP
-    >>> a = load_adapter("../shared/real_adapters/sd15_kohyalike_timohavdk")  # doctest: +SKIP
-    >>> save_adapter(a, "out.safetensors", "diffusers")                  # doctest: +SKIP
+    >>> a = load_adapter("../shared/real_adapters/flux1_aitoolkit_leighwoods")  # doctest: +SKIP
+    >>> save_adapter(a, "flux_kohya.safetensors", "kohya")              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +29,19 @@ from lorakit.errors import (
     OptionError,
     ShapeMismatchError,
 )
+from lorakit.formats.families import Family, detect_family, get_family
+from lorakit.formats.registry import LAYOUTS, Format, parse_format
 
 
-class Format(str, enum.Enum):
-    """On-disk adapter formats lorakit reads and writes."""
+def load_adapter(path: str | Path, format: Format | str | None = None, *,
+                 family: str | None = None, ignore_unknown: bool = False) -> Adapter:
+    """Load an adapter from a local PEFT folder, a weights file (diffusers, kohya, BFL/ComfyUI,
+    XLabs, ai-toolkit, ...) or a folder holding one. ``hf://`` sources are resolved by
+    :func:`lorakit.load` / :mod:`lorakit.sources`.
 
-    PEFT = "peft"
-    DIFFUSERS = "diffusers"
-    KOHYA = "kohya"
-
-
-def load_adapter(path: str | Path, format: Format | str | None = None) -> Adapter:
-    """Load an adapter from a PEFT folder, a diffusers or kohya file, a folder holding one, or an
-    ``hf://org/repo[@revision][/subfolder]`` Hub source (fetched into the shared HF cache).
-
+    ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``). Keys that
+    fit no layout role or name no module of the family are an error naming them, or with
+    ``ignore_unknown`` are dropped and listed (:func:`lorakit.formats.coverage.ignored`).
     Any failure is a :class:`~lorakit.errors.LorakitError` naming the file, key and problem.
 
     Example:
@@ -43,13 +49,13 @@ def load_adapter(path: str | Path, format: Format | str | None = None) -> Adapte
         >>> a.source_format, len(a.modules)                              # doctest: +SKIP
         ('peft', 36)
     """
-    if isinstance(path, str) and path.startswith("hf://"):  # a Hub source (lorakit.sources)
-        from lorakit.sources import load_source
-
-        return load_source(path, format)
+    if isinstance(path, str) and path.startswith("hf://"):
+        raise OptionError("Hub sources are loaded by lorakit.load (lorakit.sources)", path=path,
+                          hint="call lorakit.load(...) or resolve it with "
+                               "lorakit.sources.local_path first")
     path = Path(path)
     try:
-        return _load(path, Format(format) if format else None)
+        return _load(path, parse_format(format) if format else None, family, ignore_unknown)
     except LorakitError:
         raise
     except (ValueError, IndexError, RuntimeError, KeyError, TypeError, OverflowError) as e:
@@ -58,18 +64,19 @@ def load_adapter(path: str | Path, format: Format | str | None = None) -> Adapte
                                path=path) from e
 
 
-def _load(path: Path, fmt: Format | None) -> Adapter:
-    from lorakit.formats import diffusers, kohya
+def _read(path: Path, fmt: Format | None) -> tuple[Adapter, list[str]]:
+    from lorakit.formats import diffusers, kohya, prefixed
     from lorakit.formats.detect import detect_format, weights_in_folder
     from lorakit.formats.peft import load_peft
     from lorakit.io import read_pickle, read_safetensors
 
     detected, layout = detect_format(path)
-    if fmt is not None and fmt.value != detected:
+    if fmt is not None and fmt.value != detected and not (
+            detected == "diffusers" and fmt in (Format.AITOOLKIT, Format.SIMPLETUNER)):
         raise ConfigMismatchError(f"asked to read it as {fmt.value} but it is {detected} "
                                   f"({layout})", path=path)
     if detected == "peft":
-        return load_peft(path)
+        return load_peft(path), []
     file = weights_in_folder(path) if path.is_dir() else path
     if file.suffix == ".safetensors":
         tensors, meta = read_safetensors(file)
@@ -77,49 +84,125 @@ def _load(path: Path, fmt: Format | None) -> Adapter:
         tensors, meta = read_pickle(file), {}
     if detected == "kohya":
         return kohya.load_kohya(file, tensors, meta, layout)
+    if detected in prefixed.SPELLINGS:
+        return prefixed.load_prefixed(file, tensors, meta, layout)
     return diffusers.load_diffusers(file, tensors, meta, layout)
 
 
+def _load(path: Path, fmt: Format | None, family: str | None,
+          ignore_unknown: bool) -> Adapter:
+    from lorakit.formats.coverage import account
+
+    adapter, unknown = _read(path, fmt)
+    fam = get_family(family) if family else adapter_family(adapter)
+    return account(adapter, unknown, fam, ignore_unknown=ignore_unknown)
+
+
+def adapter_family(adapter: Adapter) -> Family | None:
+    """The model family of an adapter's modules (names, then metadata, then shapes), or None.
+
+    Example:
+        >>> adapter_family(load_adapter("flux_lora.safetensors")).name   # doctest: +SKIP
+        'flux1'
+    """
+    if not adapter.modules:
+        return None
+    shapes = {k: (m.out_features, m.in_features) for k, m in adapter.modules.items()
+              if m.down.ndim >= 2}
+    return detect_family(list(adapter.modules), adapter.metadata, shapes,
+                         component_prefix=adapter.component_prefix)
+
+
 def default_output_name(fmt: Format) -> str | None:
-    """File name used when the output of a file format is given as a folder."""
-    return {Format.DIFFUSERS: "pytorch_lora_weights.safetensors",
-            Format.KOHYA: "lora.safetensors"}.get(fmt)
+    """File name used when the output of a file layout is given as a folder."""
+    if fmt is Format.PEFT:
+        return None
+    return "lora.safetensors" if fmt is Format.KOHYA else "pytorch_lora_weights.safetensors"
+
+
+def _family_for(adapter: Adapter, family: Family | str | None) -> Family | None:
+    if isinstance(family, str):
+        return get_family(family)
+    return family if family is not None else adapter_family(adapter)
+
+
+def to_layout(adapter: Adapter, fmt: Format | str, family: Family | str | None = None
+              ) -> tuple[Adapter, Family | None]:
+    """``adapter`` with its keys in the naming layout ``fmt`` writes, and the family used.
+
+    Example:
+        >>> to_layout(flux_diffusers, "kohya")[0].modules   # doctest: +SKIP
+    """
+    from lorakit.formats.rename import to_naming
+
+    fmt = parse_format(fmt)
+    fam = _family_for(adapter, family)
+    layout = LAYOUTS[fmt.value]
+    naming = layout.naming_for(fam.name if fam else None)
+    if fam is not None and fmt.value not in fam.layouts and fmt is not Format.PEFT:
+        raise OptionError(f"{fam.title} adapters have no {fmt.value} layout (its layouts: "
+                          f"{', '.join(fam.layouts)})", path=adapter.source)
+    if fam is None and fmt in (Format.BFL, Format.XLABS):
+        raise OptionError(f"the {fmt.value} layout needs a model family and none was detected",
+                          path=adapter.source, hint="name it with --family")
+    if fam is None or naming is None:
+        return adapter, fam
+    return to_naming(adapter, fam, naming), fam
 
 
 def save_adapter(adapter: Adapter, out: str | Path, format: Format | str | None = None, *,
                  force: bool = False, dtype: torch.dtype | None = None,
-                 provenance: dict[str, Any] | None = None) -> Path:
-    """Write ``adapter`` atomically; ``format`` defaults to the one it was read from (else PEFT).
+                 provenance: dict[str, Any] | None = None,
+                 family: Family | str | None = None) -> Path:
+    """Write ``adapter`` atomically; ``format`` (a layout name) defaults to the one it was read
+    from (else PEFT). Keys move to the naming the layout needs first (exactly).
 
-    PEFT output is a folder. diffusers/kohya output is a ``.safetensors`` file; if ``out`` has no
-    ``.safetensors`` suffix it is a folder holding ``pytorch_lora_weights.safetensors`` (diffusers)
-    or ``lora.safetensors`` (kohya). Returns the path written.
+    PEFT output is a folder. Other layouts write one ``.safetensors`` file; if ``out`` has no
+    ``.safetensors`` suffix it is a folder holding ``pytorch_lora_weights.safetensors`` (or
+    ``lora.safetensors`` for kohya). Returns the path written.
 
     Example:
         >>> save_adapter(a, "out_dir", "peft", force=True)   # doctest: +SKIP
     """
-    from lorakit.formats.diffusers import save_diffusers
-    from lorakit.formats.kohya import save_kohya
-    from lorakit.formats.peft import save_peft
     from lorakit.io import atomic_output
 
-    fmt = Format(format or adapter.source_format or "peft")
+    fmt = parse_format(format or adapter.source_format or "peft")
     adapter.validate()
+    adapter, fam = to_layout(adapter, fmt, family)
     out = Path(out)
     if fmt is Format.PEFT:
+        from lorakit.formats.peft import save_peft
+
         with atomic_output(out, force=force, is_dir=True) as tmp:
             save_peft(adapter, tmp, dtype=dtype, provenance=provenance)
         return out
-    writer = save_diffusers if fmt is Format.DIFFUSERS else save_kohya
+
+    def write(file: Path) -> None:
+        _write_file(adapter, file, fmt, fam, dtype, provenance)
+
     if out.suffix != ".safetensors":
         folder = out
         out = folder / str(default_output_name(fmt))
         with atomic_output(folder, force=force, is_dir=True) as tmp:
-            writer(adapter, tmp / out.name, dtype=dtype, provenance=provenance)
+            write(tmp / out.name)
         return out
     with atomic_output(out, force=force) as tmp:
-        writer(adapter, tmp, dtype=dtype, provenance=provenance)
+        write(tmp)
     return out
+
+
+def _write_file(adapter: Adapter, file: Path, fmt: Format, fam: Family | None,
+                dtype: torch.dtype | None, provenance: dict[str, Any] | None) -> None:
+    from lorakit.formats import diffusers, kohya, prefixed
+
+    if fmt is Format.KOHYA:
+        kohya.save_kohya(adapter, file, dtype=dtype, provenance=provenance, family=fam)
+    elif fmt in (Format.BFL, Format.XLABS):
+        prefixed.save_prefixed(adapter, file, prefixed.SPELLINGS[fmt.value], dtype=dtype,
+                               provenance=provenance, family=fam.name if fam else None)
+    else:
+        diffusers.save_diffusers(adapter, file, dtype=dtype, provenance=provenance,
+                                 flavour=fmt.value, family=fam.name if fam else None)
 
 
 def select_component(adapter: Adapter, component: str | None) -> Adapter:
@@ -147,6 +230,9 @@ def select_component(adapter: Adapter, component: str | None) -> Adapter:
                           f"(components: {adapter.components() or 'none'})", path=adapter.source)
     out = adapter.copy(modules=mods, component_prefix=False)
     cls = next((c for c, comp in _CLASS_COMPONENT.items() if comp == component), None)
+    fam = adapter_family(adapter)
+    if fam is not None and component == fam.denoiser.name:
+        cls = _DENOISER_CLASS.get(fam.name, cls)
     if cls and not out.config.get("auto_mapping"):
         out.config["auto_mapping"] = {"base_model_class": cls}
     return out
@@ -164,32 +250,39 @@ _CLASS_COMPONENT = {
     "UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
     "CLIPTextModelWithProjection": "text_encoder_2", "SD3Transformer2DModel": "transformer",
     "FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_3",
+    "WanTransformer3DModel": "transformer",
 }
+_DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
+                   "wan": "WanTransformer3DModel", "sdxl": "UNet2DConditionModel",
+                   "sd15": "UNet2DConditionModel"}
 
 
 def infer_component(adapter: Adapter) -> str | None:
-    """The diffusion component a PEFT adapter was made for, from its config's auto_mapping."""
+    """The diffusion component a PEFT adapter was made for: its config's auto_mapping, else the
+    family its module names belong to."""
     mapping = adapter.config.get("auto_mapping") or {}
     cls = mapping.get("base_model_class") if isinstance(mapping, dict) else None
-    if not isinstance(cls, str):  # a config may hold anything here (a list is unhashable)
-        return None
-    if cls in _CLASS_COMPONENT:
-        return _CLASS_COMPONENT[cls]
-    if cls and cls.endswith("Transformer2DModel"):
-        return "transformer"
+    if isinstance(cls, str):  # a config may hold anything here (a list is unhashable)
+        if cls in _CLASS_COMPONENT:
+            return _CLASS_COMPONENT[cls]
+        if cls.endswith(("Transformer2DModel", "Transformer3DModel")):
+            return "transformer"
     return None
 
 
-def convert(adapter: Adapter, to: Format | str, component: str | None = None) -> Adapter:
-    """Re-key ``adapter`` for the target format (components added or stripped); tensors untouched.
+def convert(adapter: Adapter, to: Format | str, component: str | None = None,
+            family: Family | str | None = None) -> Adapter:
+    """Re-key ``adapter`` for the target layout: components added or stripped, module paths moved
+    to the layout's naming (fused <-> split, exactly).
 
     Example:
         >>> convert(load_adapter("unet_peft_dir"), "diffusers").components()   # doctest: +SKIP
         ['unet']
     """
-    fmt = Format(to)
+    fmt = parse_format(to)
     if fmt is Format.PEFT:
-        out = select_component(adapter, component)
+        out, _ = to_layout(adapter, fmt, family)
+        out = select_component(out, component)
         if out.components():
             raise OptionError(
                 f"a PEFT folder holds one model but this adapter spans components "
@@ -198,10 +291,17 @@ def convert(adapter: Adapter, to: Format | str, component: str | None = None) ->
         return out
     comp = component or infer_component(adapter)
     if comp and not adapter.components():
-        return add_component(adapter, comp)
-    if component and adapter.components():
-        return select_component(adapter, component)
-    return adapter
+        adapter = add_component(adapter, comp)
+    elif component and adapter.components():
+        adapter = select_component(adapter, component)
+        adapter = add_component(adapter, component)
+    elif not adapter.components() and not adapter.component_prefix:
+        fam = _family_for(adapter, family)
+        if fam is not None:  # a prefix-less file of a known family: its denoiser
+            adapter = add_component(adapter, fam.denoiser.name)
+    out, _ = to_layout(adapter, fmt, family)
+    return out
 
 
-__all__ = ["Format", "load_adapter", "save_adapter", "convert", "ShapeMismatchError"]
+__all__ = ["Format", "load_adapter", "save_adapter", "convert", "to_layout", "adapter_family",
+           "ShapeMismatchError"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.errors import ConfigMismatchError, InputNotFoundError, UnknownLayoutError
-from lorakit.formats import diffusers, kohya
+from lorakit.formats import diffusers, kohya, prefixed
 from lorakit.formats.common import check_variants
 from lorakit.formats.peft import CONFIG_NAME
 
@@ -24,6 +24,8 @@ def classify_keys(keys: list[str], path: Path | str) -> tuple[str, str]:
     check_variants(keys, path)  # LoHa/LoKr/OFT/... are named even when no LoRA key is present
     if layout := kohya.classify(keys):
         return "kohya", layout
+    if layout := prefixed.classify(keys):
+        return layout, layout
     if any(k.startswith("base_model.model.") for k in keys):
         raise ConfigMismatchError(
             f"PEFT weights without {CONFIG_NAME} beside them (ranks and alphas are unknown)",

@@ -81,6 +81,7 @@ def _legacy_key(m: re.Match) -> str:
 def _parse(tensors: dict[str, torch.Tensor], layout: str, path: Path):
     parts: dict[str, dict[str, torch.Tensor]] = {}
     alpha_t: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
     for k, t in tensors.items():
         m = None
         if m := _LEGACY.match(k):
@@ -97,12 +98,13 @@ def _parse(tensors: dict[str, torch.Tensor], layout: str, path: Path):
             alpha_t[m["mod"]] = t
             continue
         else:
-            raise UnknownLayoutError(f"key does not fit the {layout} layout", path=path, key=k)
+            unknown.append(k)
+            continue
         slot = parts.setdefault(key, {})
         if role in slot:
             raise ConfigMismatchError(f"two tensors give this module's {role}", path=path, key=k)
         slot[role] = t
-    return parts, alpha_t
+    return parts, alpha_t, unknown
 
 
 def _has_components(meta: dict[str, str], keys: list[str]) -> bool:
@@ -167,16 +169,38 @@ def _recorded_extras(meta: dict[str, str]) -> list[str]:
     return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
 
 
+def _add_components(parts: dict, alpha_t: dict, meta: dict[str, str]) -> bool:
+    """Prefix-less keys (``get_peft_model_state_dict(unet)``) of a known family get the family's
+    component (``unet.``, ``transformer.``; ``text_model.`` paths ``text_encoder.``), in place.
+    Returns whether the keys now carry components."""
+    from lorakit.formats.families import detect_family
+
+    shapes = {k: (int(p["up"].shape[0]), int(p["down"].shape[1])) for k, p in parts.items()
+              if "up" in p and "down" in p and p["down"].ndim >= 2}
+    family = detect_family(list(parts), meta, shapes, component_prefix=False)
+    if family is None:
+        return False
+    for d in (parts, alpha_t):
+        for k in list(d):
+            comp = "text_encoder" if k.startswith("text_model.") else family.denoiser.name
+            d[f"{comp}.{k}"] = d.pop(k)
+    return True
+
+
 def load_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
-                   layout: str) -> Adapter:
-    """Build an Adapter from a diffusers state dict already read from ``path``."""
+                   layout: str) -> tuple[Adapter, list[str]]:
+    """Build an Adapter from a diffusers state dict already read from ``path``; also returns the
+    keys that fit no diffusers role (the caller accounts for them)."""
     check_variants(list(tensors), path)
     extras = {k: tensors[k] for k in _recorded_extras(meta) if k in tensors}
     tensors = {k: t for k, t in tensors.items() if k not in extras}
-    parts, alpha_t = _parse(tensors, layout, path)
+    parts, alpha_t, unknown = _parse(tensors, layout, path)
     if not parts:
-        raise UnknownLayoutError("no LoRA tensors found", path=path)
+        raise UnknownLayoutError("no LoRA tensors found", path=path,
+                                 key=unknown[0] if unknown else None)
     prefixed = _has_components(meta, list(parts))
+    if not prefixed and meta.get("lorakit.components") is None:
+        prefixed = _add_components(parts, alpha_t, meta)
     alphas = _metadata_alphas(meta, list(parts), path, prefixed)
     for key, t in alpha_t.items():
         alphas[key] = scalar_value(t, key + ".alpha", path)
@@ -186,14 +210,28 @@ def load_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str,
                                   key=stray[0] + ".alpha")
     modules = build_modules(parts, alphas, path, rslora=_metadata_rslora(meta))
     base = meta.get("lorakit.base_model") or None
-    return Adapter(modules=modules, extras=extras, source_format="diffusers", layout=layout,
-                   base_model=base, metadata=dict(meta), source=str(path),
-                   component_prefix=prefixed)
+    if "ai-toolkit" in str(meta.get("software", "")):
+        layout = "aitoolkit"  # diffusers keys; source_format stays diffusers
+    adapter = Adapter(modules=modules, extras=extras, source_format="diffusers",
+                      layout=layout, base_model=base,
+                      metadata=dict(meta), source=str(path), component_prefix=prefixed)
+    return adapter, unknown
+
+
+def pattern_path(path: str) -> str:
+    """A text encoder's module path as a PEFT pattern that matches both transformers namings:
+    ``text_model.encoder.layers.N...`` (transformers 4) and ``encoder.layers.N...`` (5).
+
+    Example:
+        >>> pattern_path("text_model.encoder.layers.0.self_attn.q_proj")
+        'encoder.layers.0.self_attn.q_proj'
+    """
+    return path[len("text_model."):] if path.startswith("text_model.encoder.") else path
 
 
 def _component_config(adapter: Adapter, keys: list[str], strip: bool) -> dict[str, Any]:
     mods = [adapter.modules[k] for k in keys]
-    sub = [adapter.split_key(k)[1] if strip else k for k in keys]
+    sub = [pattern_path(adapter.split_key(k)[1]) if strip else pattern_path(k) for k in keys]
     ranks = [m.rank for m in mods]
     rslora = all(m.rslora for m in mods)
     alphas = [float(m.alpha) if m.rslora == rslora else
@@ -240,15 +278,48 @@ def diffusers_tensors(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, 
     return out
 
 
+AITOOLKIT_SOFTWARE = {"name": "lorakit (ai-toolkit layout)", "repo": "https://github.com/ostris/ai-toolkit"}
+
+
+def _fold_scales(adapter: Adapter) -> Adapter:
+    """Every module at scale 1 (``up <- scale * up`` in float32, stored in up's dtype): for
+    layouts whose readers assume ``alpha = r`` (ai-toolkit)."""
+    mods = {}
+    for k, m in adapter.modules.items():
+        if m.scale == 1.0 and not m.rslora:
+            mods[k] = m
+            continue
+        up = (m.up.to(torch.float32) * m.scale).to(m.up.dtype)  # (out, r)
+        mods[k] = m.with_factors(m.down, up, alpha=float(m.rank), rslora=False)
+    return adapter.copy(modules=mods)
+
+
 def save_diffusers(adapter: Adapter, file: Path, *, dtype: torch.dtype | None = None,
-                   provenance: dict[str, Any] | None = None) -> None:
-    """Write ``adapter`` as a diffusers LoRA safetensors file at ``file``."""
+                   provenance: dict[str, Any] | None = None, flavour: str = "diffusers",
+                   family: str | None = None) -> None:
+    """Write ``adapter`` as a diffusers LoRA safetensors file at ``file``.
+
+    ``flavour`` ``aitoolkit`` writes what ostris ai-toolkit writes: the same keys with every
+    scale folded into ``lora_B`` (its readers assume ``alpha = r``) and its ``software`` record
+    instead of ``lora_adapter_metadata``; ``simpletuner`` is the diffusers file SimpleTuner
+    writes through diffusers' ``save_lora_weights``.
+    """
     meta: dict[str, str] = {"format": "pt"}
-    if adapter.source_format == "diffusers":
+    if adapter.source_format in ("diffusers", "aitoolkit", "simpletuner"):
         meta.update({k: v for k, v in adapter.metadata.items() if not k.startswith("lorakit.")})
-    # top-level keys sorted; pattern dicts keep their order (PEFT matches patterns in order)
-    meta[METADATA_KEY] = json.dumps(dict(sorted(diffusers_metadata(adapter).items())), indent=2)
+    if flavour == "aitoolkit":
+        adapter = _fold_scales(adapter)
+        meta.pop(METADATA_KEY, None)
+        meta.setdefault("software", json.dumps(AITOOLKIT_SOFTWARE))
+    else:
+        if "ai-toolkit" in meta.get("software", ""):
+            meta.pop("software")  # read back as diffusers, not as ai-toolkit
+        # top-level keys sorted; pattern dicts keep their order (PEFT matches them in order)
+        meta[METADATA_KEY] = json.dumps(dict(sorted(diffusers_metadata(adapter).items())),
+                                        indent=2)
     meta["lorakit.components"] = json.dumps(adapter.components())
+    if family:
+        meta["lorakit.family"] = family
     if adapter.extras:  # non-LoRA tensors (heads): named so the reader keeps them as extras
         meta["lorakit.extras"] = json.dumps(sorted(adapter.extras))
     if provenance:

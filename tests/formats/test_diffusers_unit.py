@@ -96,11 +96,12 @@ def test_rslora_recorded_in_metadata(tmp_path):
 
 
 def test_model_level_file_without_component_prefix(tmp_path):
-    """A diffusers save of a bare model (``transformer_blocks.0...`` keys, no ``unet.``)."""
+    """A diffusers save of a bare UNet (``get_peft_model_state_dict(unet)``: no ``unet.``) is
+    the family's UNet (issue 16, defect 1), so kohya output says ``lora_unet_``."""
     t = _pair(f"{BLK}.attn1.to_q", 4, 8, 8, 0)
     a = lorakit.load(write_st(tmp_path / "m.safetensors", t))
-    assert a.components() == [] and list(a.modules) == [f"{BLK}.attn1.to_q"]
-    assert a.modules[f"{BLK}.attn1.to_q"].scale == 1.0
+    assert a.components() == ["unet"] and list(a.modules) == [f"unet.{BLK}.attn1.to_q"]
+    assert a.modules[f"unet.{BLK}.attn1.to_q"].scale == 1.0
 
 
 def test_extras_round_trip_through_diffusers(tmp_path):

@@ -122,7 +122,9 @@ def test_sdxl_te1_te2_and_unet_names_round_trip(tmp_path):
     keys, meta = read_keys(out)
     assert keys == set(t)  # identical kohya names, te1/te2 prefixes included
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_output_name"] == "mine"
-    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    # ranks 4, 4, 8: kohya writes Dynamic for mixed ranks (issue 16, defect 3)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "Dynamic"
+    assert meta["ss_v2"] == "False" and meta["modelspec.architecture"].startswith("stable-diff")
     b = lorakit.load(out)
     for k, m in a.modules.items():
         assert torch.equal(b.modules[k].down, m.down) and b.modules[k].alpha == m.alpha

@@ -235,10 +235,10 @@ def test_conv_lora_4d_factors(tmp_path):
     assert torch.equal(b.modules[key].down, a_t) and torch.equal(b.modules[key].up, b_t)
     # and through kohya, which stores conv factors the same way
     k = lorakit.save(lorakit.convert(a, "kohya"), tmp_path / "k.safetensors", "kohya")
-    c = lorakit.load(k)
-    assert c.modules[key].kind is ModuleKind.CONV
-    assert torch.equal(c.modules[key].down, a_t) and torch.equal(c.modules[key].up, b_t)
-    assert c.modules[key].scale == 2.0
+    c = lorakit.load(k)  # a prefix-less UNet module gains its component (lora_unet_)
+    assert c.modules[f"unet.{key}"].kind is ModuleKind.CONV
+    assert torch.equal(c.modules[f"unet.{key}"].down, a_t)
+    assert torch.equal(c.modules[f"unet.{key}"].up, b_t) and c.modules[f"unet.{key}"].scale == 2.0
 
 
 def test_embedding_lora(tmp_path):

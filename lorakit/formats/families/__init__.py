@@ -1,0 +1,140 @@
+"""Model families: which modules a family has and how its native checkpoint names them.
+
+``FAMILIES`` is the one table of families; each lists the layouts it is read and written in
+(:mod:`lorakit.formats.registry` has the layouts). :func:`detect_family` picks the family of a set
+of module paths from their names (markers), then metadata, then layer shapes.
+
+Example:
+    >>> detect_family(["transformer.single_transformer_blocks.7.proj_out"]).name
+    'flux1'
+    >>> detect_family(["model.layers.0.self_attn.q_proj"]) is None
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from lorakit.formats.families.base import BlockType, Component, Family, Rule
+from lorakit.formats.families.flux import FLUX1
+from lorakit.formats.families.sd import SD15, SDXL
+from lorakit.formats.families.sd3 import SD3
+from lorakit.formats.families.wan import WAN
+from lorakit.naming import split_component
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN)}
+
+# metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
+_META_HINTS = (("flux", "flux1"), ("stable-diffusion-v3", "sd3"), ("sd3", "sd3"),
+               ("sdxl", "sdxl"), ("-xl-", "sdxl"), ("wan", "wan"), ("sd_v1", "sd15"),
+               ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"))
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``).
+
+    Example:
+        >>> get_family("wan").title
+        'Wan 2.x'
+    """
+    from lorakit.errors import OptionError
+
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise OptionError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})") \
+            from None
+
+
+def _scores(paths: list[str]) -> dict[str, int]:
+    scores: dict[str, int] = {}
+    for fam in FAMILIES.values():
+        n = sum(1 for p in paths if any(rx.search(p) for rx in fam.marker_res))
+        if n:
+            scores[fam.name] = n
+    return scores
+
+
+def _from_metadata(meta: Mapping[str, str]) -> str | None:
+    if meta.get("lorakit.family") in FAMILIES:
+        return meta["lorakit.family"]
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        value = str(meta.get(key, "")).lower()
+        for needle, fam in _META_HINTS:
+            if needle in value:
+                return fam
+    return None
+
+
+def _from_shapes(denoiser: list[str], shapes: Mapping[str, tuple[int, int]]) -> str | None:
+    """Flux.1 and SD3 share the diffusers names of their double blocks: hidden 3072 is Flux.1
+    (SD3 is 1536, SD3.5 large 2432); a 2048-wide cross-attention key is SDXL, 768 SD 1.x."""
+    for p in denoiser:
+        io = shapes.get(p)
+        if io is None:
+            continue
+        if p.endswith("attn.to_q") and p.startswith("transformer_blocks."):
+            return {3072: "flux1", 1536: "sd3", 2432: "sd3"}.get(io[1])
+        if p.endswith("attn2.to_k"):
+            return {2048: "sdxl", 768: "sd15", 1024: "sd15"}.get(io[1])
+    return None
+
+
+def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None,
+                  shapes: Mapping[str, tuple[int, int]] | None = None,
+                  component_prefix: bool = True) -> Family | None:
+    """The family of adapter module keys (``transformer.x.y`` or unprefixed), or None (LLMs and
+    models no family describes).
+
+    Names decide first (the family with the most marker hits; SDXL over SD 1.x when a second text
+    encoder is present), then ``metadata`` (``lorakit.family``, ``modelspec.architecture``,
+    ``ss_base_model_version``), then ``shapes`` (``{key: (out, in)}``) for names two families
+    share.
+
+    Example:
+        >>> detect_family(["transformer.blocks.0.attn1.to_q"]).name
+        'wan'
+    """
+    keys = list(keys)
+    comps = set()
+    paths = []
+    for k in keys:
+        comp, rest = split_component(k) if component_prefix else (None, k)
+        comps.add(comp)
+        paths.append(rest)
+    if comps and comps <= {"text_encoder", "text_encoder_2", "text_encoder_3"} or not paths:
+        hint = _from_metadata(metadata or {})
+        sdxl_te = (metadata or {}).get("lorakit.kohya_te_prefix") == "lora_te1_"
+        if ("text_encoder_2" in comps or sdxl_te) and hint not in ("sd3", "flux1"):
+            return SDXL
+        return FAMILIES.get(hint) if hint else None
+    denoiser = [p for k, p in zip(keys, paths, strict=True)
+                if not (component_prefix and split_component(k)[0] in
+                        ("text_encoder", "text_encoder_2", "text_encoder_3"))]
+    scores = _scores(denoiser)
+    if "sdxl" in scores and "sd15" in scores:
+        scores.pop("sd15" if "text_encoder_2" in comps else "sdxl"
+                   if scores["sd15"] > scores["sdxl"] else "sd15")
+    if scores:
+        best = max(scores.values())
+        top = [n for n, s in scores.items() if s == best]
+        if len(top) == 1:
+            if top[0] == "sd15" and "text_encoder_2" in comps:
+                return SDXL  # SD 1.x has one text encoder
+            return FAMILIES[top[0]]
+    hint = _from_metadata(metadata or {})
+    if hint is None and shapes:
+        plain = {split_component(k)[1] if component_prefix else k: v for k, v in shapes.items()}
+        hint = _from_shapes(denoiser, plain)
+    if hint:
+        return FAMILIES[hint]
+    if any(p.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for p in denoiser):
+        sdxl_te = (metadata or {}).get("lorakit.kohya_te_prefix") == "lora_te1_"
+        return SDXL if "text_encoder_2" in comps or sdxl_te else SD15
+    if any(p.startswith("transformer_blocks.") for p in denoiser):
+        return None  # Flux.1 or SD3 double blocks only, no hint: undecided
+    return None
+
+
+__all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
+           "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN"]

@@ -1,0 +1,164 @@
+"""Layouts spelled as ``<component prefix><module path>.<suffix>``: BFL/ComfyUI and XLabs files.
+
+* ``bfl`` (alias ``comfyui``): the original checkpoint's names under ``diffusion_model.``
+  (``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`` with ``.alpha``, or
+  ``lora_A``/``lora_B``), CLIP-L under ``text_encoders.clip_l.transformer.``, T5 under
+  ``text_encoders.t5xxl.transformer.``. Written with ``lora_down``/``lora_up`` and ``.alpha``, as
+  ComfyUI saves and reads them. Flux.1 and Wan 2.x files come this way.
+* ``xlabs``: XLabs' Flux attention processors, ``double_blocks.0.processor.qkv_lora1.down.weight``
+  (optionally under ``diffusion_model.``). XLabs files hold no alpha (scale 1): written, every
+  module's scale is folded into ``up`` (in float32, stored in the factors' dtype).
+
+Keys are grouped by module path (the stem) and :attr:`Spelling.suffixes` (the roles).
+
+Example:
+    >>> BFL.split_key("diffusion_model.blocks.0.self_attn.q.lora_A.weight")
+    ('transformer', 'blocks.0.self_attn.q', 'down')
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.adapter import Adapter
+from lorakit.errors import ConfigMismatchError, UnknownLayoutError
+from lorakit.formats.common import build_modules, cast, check_variants, refuse_embedding_lora, \
+    scalar_value
+from lorakit.io import write_safetensors
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How one layout spells keys: component prefixes, suffix roles and what it writes."""
+
+    name: str
+    prefixes: tuple[tuple[str, str], ...]  # (key prefix, component), longest prefix first
+    suffixes: tuple[tuple[str, str], ...]  # (file suffix, slot: down/up/alpha/magnitude)
+    write: tuple[str, str, str | None]  # down, up, alpha suffix (None: scale folded into up)
+    naming: str  # the family naming its paths use (rename.NAMINGS)
+
+    def split_key(self, key: str) -> tuple[str, str, str] | None:
+        """``(component, module path, slot)`` of a key, or None when it does not fit."""
+        for prefix, comp in self.prefixes:
+            if not key.startswith(prefix):
+                continue
+            body = key[len(prefix):]
+            for suffix, slot in self.suffixes:
+                if body.endswith("." + suffix) and len(body) > len(suffix) + 1:
+                    return comp, body[:-len(suffix) - 1], slot
+            return None
+        return None
+
+    def prefix_of(self, component: str | None) -> str | None:
+        return next((p for p, c in self.prefixes if c == component), None)
+
+
+_LORA = (("lora_down.weight", "down"), ("lora_up.weight", "up"), ("lora_A.weight", "down"),
+         ("lora_B.weight", "up"), ("alpha", "alpha"), ("dora_scale", "magnitude"),
+         ("lora_B.bias", "bias"))
+
+BFL = Spelling("bfl", (("text_encoders.clip_l.transformer.", "text_encoder"),
+                       ("text_encoders.t5xxl.transformer.", "text_encoder_2"),
+                       ("diffusion_model.", "transformer")),
+               _LORA, ("lora_down.weight", "lora_up.weight", "alpha"), "native")
+XLABS = Spelling("xlabs", (("diffusion_model.", "transformer"), ("", "transformer")),
+                 (("down.weight", "down"), ("up.weight", "up")),
+                 ("down.weight", "up.weight", None), "xlabs")
+SPELLINGS = {"bfl": BFL, "xlabs": XLABS}
+
+
+def classify(keys: list[str]) -> str | None:
+    """``"xlabs"``, ``"bfl"`` or None."""
+    if any(re.search(r"(^|\.)(double|single)_blocks\.\d+\.processor\.(qkv|proj)_lora", k)
+           and k.endswith((".down.weight", ".up.weight")) for k in keys):
+        return "xlabs"
+    if any(k.startswith(("diffusion_model.", "text_encoders.clip_l.transformer."))
+           for k in keys):
+        return "bfl"
+    return None
+
+
+def load_prefixed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                  layout: str) -> tuple[Adapter, list[str]]:
+    """Build an Adapter from a BFL/ComfyUI or XLabs state dict; also returns the keys that fit
+    no role (the caller accounts for them)."""
+    spelling = SPELLINGS[layout]
+    check_variants(list(tensors), path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    unknown: list[str] = []
+    for k, t in tensors.items():
+        hit = spelling.split_key(k)
+        if hit is None:
+            unknown.append(k)
+            continue
+        comp, mod, slot = hit
+        key = f"{comp}.{mod}"
+        if slot == "alpha":
+            alphas[key] = scalar_value(t, k, path)
+            continue
+        p = parts.setdefault(key, {})
+        if slot in p:
+            raise ConfigMismatchError(f"two tensors give this module's {slot}", path=path, key=k)
+        p[slot] = t
+    if not parts:
+        raise UnknownLayoutError(f"no LoRA tensors in the {layout} layout", path=path,
+                                 key=unknown[0] if unknown else None)
+    stray = [k for k in alphas if k not in parts]
+    if stray:
+        raise ConfigMismatchError("alpha without LoRA factors", path=path, key=stray[0])
+    modules = build_modules(parts, alphas, path)
+    adapter = Adapter(modules=modules, source_format=layout, layout=layout, metadata=dict(meta),
+                      source=str(path), component_prefix=True)
+    return adapter, unknown
+
+
+def prefixed_tensors(adapter: Adapter, spelling: Spelling,
+                     dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The state dict of ``adapter`` (keys already in ``spelling.naming``)."""
+    refuse_embedding_lora(adapter.modules, spelling.name)
+    down_s, up_s, alpha_s = spelling.write
+    out: dict[str, torch.Tensor] = {}
+    for key, m in adapter.modules.items():
+        comp, rest = adapter.split_key(key)
+        prefix = spelling.prefix_of(comp)
+        if prefix is None:
+            raise ConfigMismatchError(f"the {spelling.name} layout has no place for component "
+                                      f"{comp!r}", key=key)
+        if m.bias is not None or m.magnitude is not None:
+            raise ConfigMismatchError(f"the {spelling.name} layout cannot hold a lora_B bias or "
+                                      "DoRA magnitude", key=key, hint="write diffusers instead")
+        down, up = cast(m.down, dtype), cast(m.up, dtype)
+        if alpha_s is None and m.scale != 1.0:
+            up = (m.up.to(torch.float32) * m.scale).to(up.dtype)  # (out, r): scale 1
+        out[f"{prefix}{rest}.{down_s}"] = down
+        out[f"{prefix}{rest}.{up_s}"] = up
+        if alpha_s is not None:
+            alpha = m.scale * m.rank
+            t = torch.tensor(alpha, dtype=down.dtype)
+            out[f"{prefix}{rest}.{alpha_s}"] = t if float(t) == alpha else \
+                torch.tensor(alpha, dtype=torch.float32)
+    if adapter.extras:
+        raise ConfigMismatchError(f"the {spelling.name} layout cannot hold extra tensors",
+                                  key=next(iter(adapter.extras)), hint="write PEFT instead")
+    return out
+
+
+def save_prefixed(adapter: Adapter, file: Path, spelling: Spelling, *,
+                  dtype: torch.dtype | None = None, provenance: dict[str, Any] | None = None,
+                  family: str | None = None) -> None:
+    """Write ``adapter`` in a prefixed layout (keys already in ``spelling.naming``)."""
+    meta = {"format": "pt", "lorakit.components": json.dumps(adapter.components())}
+    if family:
+        meta["lorakit.family"] = family
+    if provenance:
+        meta["lorakit.provenance"] = json.dumps(provenance, sort_keys=True)
+    if adapter.base_model:
+        meta["lorakit.base_model"] = adapter.base_model
+    write_safetensors(file, prefixed_tensors(adapter, spelling, dtype), meta)

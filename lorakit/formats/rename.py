@@ -1,0 +1,120 @@
+"""Move an adapter between the namings of its family, exactly.
+
+An adapter's module keys are ``<component>.<path>`` in one naming of its family: ``diffusers``
+(one module per diffusers layer), ``native`` (the original checkpoint's layers, fused where the
+checkpoint fuses them: what kohya, musubi-tuner and ComfyUI files hold) or ``xlabs`` (Flux
+attention processors). Keys are kept in the naming of the file they were read from, so a kohya
+Flux ``qkv`` module is resized as one module, as kohya does. :func:`to_naming` rewrites the keys
+for another naming: native modules split into their diffusers parts (:func:`split_module`),
+diffusers modules fuse into native ones (:func:`fuse_modules`); two modules that land on one layer
+(a union of two namings) are added exactly.
+
+Example:
+    >>> import torch
+    >>> from lorakit.adapter import Adapter, LoraModule
+    >>> from lorakit.formats.families import FLUX1
+    >>> m = LoraModule(torch.randn(4, 12), torch.randn(36, 4), alpha=4.0)
+    >>> a = Adapter(modules={"transformer.double_blocks.0.img_attn.qkv": m}, component_prefix=True)
+    >>> list(to_naming(a, FLUX1, "diffusers").modules)[0]
+    'transformer.transformer_blocks.0.attn.to_q'
+"""
+
+from __future__ import annotations
+
+from lorakit.adapter import Adapter, LoraModule
+from lorakit.errors import ConfigMismatchError
+from lorakit.formats.families.base import Family, Rule
+from lorakit.formats.fuse import add_modules, fuse_modules, split_module
+
+NAMINGS = ("diffusers", "native", "xlabs")
+
+
+def _join(comp: str | None, path: str) -> str:
+    return f"{comp}.{path}" if comp else path
+
+
+def _is_denoiser(adapter: Adapter, family: Family, key: str) -> tuple[bool, str | None, str]:
+    comp, path = adapter.split_key(key)
+    return comp in (None, family.denoiser.name), comp, path
+
+
+def naming_of(adapter: Adapter, family: Family) -> str:
+    """``diffusers``, ``native`` or ``xlabs``: the naming most denoiser modules use (diffusers when
+    the family's names agree, or no module says otherwise).
+
+    Example:
+        >>> from lorakit.formats.families import WAN
+        >>> naming_of(Adapter(modules={"transformer.blocks.0.self_attn.q": None},
+        ...                   component_prefix=True), WAN)
+        'native'
+    """
+    counts = dict.fromkeys(NAMINGS, 0)
+    for key in adapter.modules:
+        den, _, path = _is_denoiser(adapter, family, key)
+        if not den:
+            continue
+        if family.denoiser.knows(path):
+            counts["diffusers"] += 1
+            continue
+        for naming in ("native", *family.namings):
+            if family.native_rule(path, naming) is not None:
+                counts[naming] += 1
+                break
+    best = max(counts.values())
+    return "diffusers" if counts["diffusers"] == best else max(counts, key=counts.__getitem__)
+
+
+def _split_all(adapter: Adapter, family: Family) -> dict[str, list[LoraModule]]:
+    out: dict[str, list[LoraModule]] = {}
+    for key, m in adapter.modules.items():
+        den, comp, path = _is_denoiser(adapter, family, key)
+        hit = None
+        if den and not family.denoiser.knows(path):
+            for naming in ("native", *family.namings):
+                if (hit := family.native_rule(path, naming)) is not None:
+                    break
+        if hit is None:
+            out.setdefault(key, []).append(m)
+            continue
+        rule, paths = hit
+        for p, part in zip(paths, split_module(m, rule.weights, swap=rule.swap, key=key),
+                           strict=True):
+            if part is not None:
+                out.setdefault(_join(comp, p), []).append(part)
+    return out
+
+
+def to_naming(adapter: Adapter, family: Family, naming: str) -> Adapter:
+    """``adapter`` with its denoiser keys in ``naming`` (updates unchanged, exactly).
+
+    A diffusers module that ``naming`` cannot spell (the XLabs layout has no ``proj_mlp``) is an
+    error naming it.
+    """
+    if naming not in NAMINGS:
+        raise ConfigMismatchError(f"unknown naming {naming!r} (known: {', '.join(NAMINGS)})")
+    if naming_of(adapter, family) == naming and all(
+            naming == "diffusers" or not family.denoiser.knows(adapter.split_key(k)[1])
+            or not _is_denoiser(adapter, family, k)[0] for k in adapter.modules):
+        return adapter
+    split = {k: add_modules(ms, key=k) for k, ms in _split_all(adapter, family).items()}
+    if naming == "diffusers" or not family.rules_for(naming):
+        return adapter.copy(modules=split)
+    groups: dict[str, tuple[Rule, dict[int, LoraModule]]] = {}
+    out: dict[str, LoraModule] = {}
+    for key, m in split.items():
+        den, comp, path = _is_denoiser(adapter, family, key)
+        hit = family.part_rule(path, naming) if den else None
+        if hit is None:
+            if den and family.denoiser.knows(path):
+                raise ConfigMismatchError(f"the {naming} naming of {family.title} has no layer "
+                                          f"for this module", key=key)
+            out[key] = m
+            continue
+        rule, native, j = hit
+        nkey = _join(comp, native)
+        groups.setdefault(nkey, (rule, {}))[1][j] = m
+        out.setdefault(nkey, m)  # placeholder keeps the first part's position
+    for nkey, (rule, parts) in groups.items():
+        ordered = [parts.get(j) for j in range(len(rule.parts))]
+        out[nkey] = fuse_modules(ordered, rule.weights, swap=rule.swap, key=nkey)
+    return adapter.copy(modules=out)
