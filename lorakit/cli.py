@@ -189,71 +189,6 @@ def _echo_push(res: Any, err: bool = False) -> None:
                    + (f": {res.commit_url}" if res.commit_url else ""), err=err)
 
 
-@cli.command("inspect")
-@click.argument("paths", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@click.option("--no-spectra", is_flag=True, help="Skip singular values (faster).")
-@click.option("--max-rows", default=60, show_default=True, help="Module rows per table.")
-def inspect_cmd(paths: tuple[str, ...], as_json: bool, no_spectra: bool, max_rows: int) -> None:
-    """Show format, modules, ranks, alphas, scales and exact spectra of adapters."""
-    from lorakit.api import load
-    from lorakit.inspect import inspect_adapter
-    from lorakit.report import dumps, print_inspect
-    from lorakit.sources import expand
-
-    specs = [s.spec for s in expand(paths).sources]  # globs, collections, manifests, hf://
-    infos = [inspect_adapter(load(p), spectra=not no_spectra) for p in specs]
-    if as_json:
-        click.echo(dumps(infos if len(infos) > 1 else infos[0]))
-        return
-    console = _console()
-    for info in infos:
-        print_inspect(info, console, max_rows=max_rows)
-
-
-@cli.command("convert")
-@click.argument("sources", nargs=-1, required=True)
-@click.option("--to", "to", required=True, type=click.Choice(["peft", "diffusers", "kohya"]),
-              help="Target format.")
-@click.option("-o", "--output", "out", required=True,
-              help="Output folder (PEFT) or file; a folder for a collection.")
-@click.option("--component", default=None,
-              help="Diffusion component to keep or assume (unet, text_encoder, transformer...).")
-@batch_options
-@click.option("--report", "report_file", default=None,
-              help="Write the result (a collection: each job's status, time, error; .json/.csv).")
-@common_write_options
-def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | None,
-                report_file: str | None, force: bool, dtype: str | None, quiet: bool,
-                as_json: bool, **batch_kw: Any) -> None:
-    """Convert adapters between PEFT, diffusers and kohya layouts (updates are unchanged)."""
-    from pathlib import Path
-
-    from lorakit.api import convert, load, save
-    from lorakit.report import dumps
-    from lorakit.sources import expand
-
-    plan = expand(sources)
-    if plan.is_collection:
-        return run_batch_cli("convert", plan, out,
-                             {"to": to, "component": component, "dtype": _dtype_name(dtype)},
-                             _batch_kw(batch_kw), force=force, quiet=quiet, as_json=as_json,
-                             report_file=report_file)
-    src = plan.sources[0].spec
-    adapter = load(src)
-    converted = convert(adapter, to, component=component)
-    written = save(converted, out, to, force=force, dtype=parse_dtype(dtype),
-                   provenance=provenance([src]))
-    result = {"source": src, "output": str(written), "format": to,
-              "modules": len(converted.modules)}
-    if report_file:
-        Path(report_file).write_text(dumps(result))
-    if as_json:
-        click.echo(dumps(result))
-    elif not quiet:
-        click.echo(f"wrote {written} ({to}, {len(converted.modules)} modules)")
-
-
 def rank_policy_options(f):
     """The RANK-POLICY options every compressing command shares (exactly one may be given)."""
     opts = [
@@ -301,6 +236,116 @@ def policy_values(kwargs: dict[str, Any]) -> dict[str, Any]:
             raise click.BadParameter(f"--budget {budget!r} is neither a count nor a fraction") \
                 from e
     return vals
+
+
+LAYOUT_CHOICES = ("peft", "diffusers", "kohya", "bfl", "comfyui", "xlabs", "aitoolkit",
+                  "simpletuner")
+
+
+def family_options(f):
+    """``--family`` and ``--ignore-unknown``, shared by the commands that read adapters."""
+    from lorakit.formats.families import FAMILIES
+
+    f = click.option("--ignore-unknown", is_flag=True,
+                     help="Read past keys that fit no layout role or name no module of the "
+                          "family, and list them.")(f)
+    return click.option("--family", type=click.Choice(list(FAMILIES)), default=None,
+                        help="Model family (default: detected from the module names).")(f)
+
+
+def _echo_ignored(adapter: Any, err: bool = True) -> None:
+    from lorakit.formats.coverage import ignored
+
+    keys = ignored(adapter)
+    if keys:
+        click.echo(f"ignored {len(keys)} unknown key(s): " + ", ".join(keys), err=err)
+
+
+@cli.command("inspect")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--no-spectra", is_flag=True, help="Skip singular values (faster).")
+@click.option("--max-rows", default=60, show_default=True, help="Module rows per table.")
+@family_options
+def inspect_cmd(paths: tuple[str, ...], as_json: bool, no_spectra: bool, max_rows: int,
+                family: str | None, ignore_unknown: bool) -> None:
+    """Show format, family, coverage, modules, ranks, alphas, scales and exact spectra."""
+    from lorakit.api import load
+    from lorakit.inspect import inspect_adapter
+    from lorakit.report import dumps, print_inspect
+    from lorakit.sources import expand
+
+    specs = [s.spec for s in expand(paths).sources]  # globs, collections, manifests, hf://
+    infos = []
+    for p in specs:
+        adapter = load(p, family=family, ignore_unknown=ignore_unknown)
+        if not as_json:
+            _echo_ignored(adapter)
+        infos.append(inspect_adapter(adapter, spectra=not no_spectra, family=family))
+    if as_json:
+        click.echo(dumps(infos if len(infos) > 1 else infos[0]))
+        return
+    console = _console()
+    for info in infos:
+        print_inspect(info, console, max_rows=max_rows)
+
+
+@cli.command("convert")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--to", "to", required=True, type=click.Choice(list(LAYOUT_CHOICES)),
+              help="Target layout (peft, diffusers, kohya, bfl/comfyui, xlabs, aitoolkit, "
+                   "simpletuner).")
+@click.option("-o", "--output", "out", required=True,
+              help="Output folder (PEFT) or file; a folder for a collection.")
+@click.option("--component", default=None,
+              help="Diffusion component to keep or assume (unet, text_encoder, transformer...).")
+@family_options
+@batch_options
+@click.option("--report", "report_file", default=None,
+              help="Write the result (a collection: each job's status, time, error; .json/.csv).")
+@common_write_options
+@rank_policy_options
+def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | None,
+                family: str | None, ignore_unknown: bool,
+                report_file: str | None, force: bool, dtype: str | None, quiet: bool,
+                as_json: bool, **batch_kw: Any) -> None:
+    """Convert adapters between layouts (updates unchanged: fused <-> split exactly). A rank
+    policy (--rank, --energy, ...) then shrinks the result through the engine (e.g. a
+    block-diagonal fused qkv)."""
+    from pathlib import Path
+
+    from lorakit.api import convert, load, save
+    from lorakit.report import dumps
+    from lorakit.sources import expand
+
+    policy = policy_from(batch_kw, default_required=False)
+    plan = expand(sources)
+    if plan.is_collection:
+        if family or ignore_unknown or policy is not None:
+            raise click.UsageError("--family, --ignore-unknown and rank policies take one source")
+        return run_batch_cli("convert", plan, out,
+                             {"to": to, "component": component, "dtype": _dtype_name(dtype)},
+                             _batch_kw(batch_kw), force=force, quiet=quiet, as_json=as_json,
+                             report_file=report_file)
+    src = plan.sources[0].spec
+    adapter = load(src, family=family, ignore_unknown=ignore_unknown)
+    if not quiet and not as_json:
+        _echo_ignored(adapter)
+    converted = convert(adapter, to, component=component, family=family)
+    if policy is not None:
+        from lorakit.compress.resize import resize
+
+        converted, _ = resize(converted, policy)
+    written = save(converted, out, to, force=force, dtype=parse_dtype(dtype),
+                   provenance=provenance([src]), family=family)
+    result = {"source": src, "output": str(written), "format": to,
+              "modules": len(converted.modules)}
+    if report_file:
+        Path(report_file).write_text(dumps(result))
+    if as_json:
+        click.echo(dumps(result))
+    elif not quiet:
+        click.echo(f"wrote {written} ({to}, {len(converted.modules)} modules)")
 
 
 def device_option(f):

@@ -56,8 +56,10 @@ def module_info(key: str, m, sv: torch.Tensor | None) -> dict[str, Any]:
     }
 
 
-def inspect_adapter(adapter: Adapter, *, spectra: bool = True) -> dict[str, Any]:
-    """Summary and per-module facts of ``adapter`` as a JSON-able dict.
+def inspect_adapter(adapter: Adapter, *, spectra: bool = True,
+                    family: str | None = None) -> dict[str, Any]:
+    """Summary and per-module facts of ``adapter`` as a JSON-able dict, with its model family
+    and what it covers per component and block type (``coverage``, ``coverage_line``).
 
     Example:
         >>> inspect_adapter(load_adapter("dir"))["n_modules"]   # doctest: +SKIP
@@ -70,6 +72,12 @@ def inspect_adapter(adapter: Adapter, *, spectra: bool = True) -> dict[str, Any]
         sv = singular_values(m) if spectra else None
         mods.append(module_info(key, m, sv))
     ranks = sorted({m.rank for m in adapter.modules.values()})
+    from lorakit.formats import adapter_family
+    from lorakit.formats.coverage import coverage, coverage_line, ignored
+    from lorakit.formats.families import get_family
+
+    fam = get_family(family) if family else adapter_family(adapter)
+    cov = coverage(adapter, fam) if fam is not None else None
     return {
         "source": adapter.source,
         "format": adapter.source_format,
@@ -86,5 +94,9 @@ def inspect_adapter(adapter: Adapter, *, spectra: bool = True) -> dict[str, Any]
         "rslora": adapter.uses_rslora,
         "dora": adapter.is_dora,
         "components": adapter.components(),
+        "family": fam.name if fam else None,
+        "coverage": cov,
+        "coverage_line": coverage_line(cov) if cov is not None else None,
+        "ignored_keys": ignored(adapter),
         "modules": mods,
     }

@@ -76,6 +76,12 @@ def print_inspect(info: dict[str, Any], console: Console, *, max_rows: int = 60)
     ]
     if info["components"]:
         summary.append(["components", ", ".join(info["components"])])
+    if info.get("family"):
+        summary.append(["family", info["family"]])
+        summary.append(["coverage", info["coverage_line"]])
+    if info.get("ignored_keys"):
+        summary.append(["ignored keys", f"{len(info['ignored_keys'])}: "
+                        + ", ".join(info["ignored_keys"][:6])])
     render_table("adapter", ["field", "value"], summary, console)
     rows = []
     for m in info["modules"][:max_rows]:

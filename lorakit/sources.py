@@ -203,9 +203,12 @@ def local_path(spec: str) -> Path:
     return Path(spec)
 
 
-def load_source(spec: str, format=None, *, local: Path | None = None):
-    """Load one adapter from a path or an ``hf://`` URI; errors about cached Hub files name the
-    ``hf://`` source instead of the cache path. ``local`` is the already resolved path, if any.
+def load_source(spec: str, format=None, *, local: Path | None = None, family: str | None = None,
+                ignore_unknown: bool = False):
+    """Load one adapter from a path or an ``hf://`` URI: the source resolves to local files
+    (:func:`local_path`), then :func:`lorakit.formats.load_adapter` reads them; errors about
+    cached Hub files name the ``hf://`` source instead of the cache path. ``local`` is the
+    already resolved path, if any.
 
     Example:
         >>> load_source("hf://org/lora").source_format    # doctest: +SKIP
@@ -214,10 +217,11 @@ def load_source(spec: str, format=None, *, local: Path | None = None):
     from lorakit.formats import load_adapter
 
     local = local if local is not None else local_path(spec)
+    opts = {"family": family, "ignore_unknown": ignore_unknown}
     if not is_hub(spec):
-        return load_adapter(local, format)
+        return load_adapter(local, format, **opts)
     try:
-        adapter = load_adapter(local, format)
+        adapter = load_adapter(local, format, **opts)
     except LorakitError as e:
         _repoint(e, local, spec)
         raise

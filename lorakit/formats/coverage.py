@@ -14,7 +14,7 @@ Example:
     >>> a = Adapter(modules={"transformer.single_transformer_blocks.7.proj_out": m},
     ...             component_prefix=True)
     >>> coverage_line(coverage(a, FLUX1))
-    'transformer: double blocks 0/19, single blocks 1/38 (proj_out only); text encoder none; text encoder 2 (T5) none'
+    'double blocks 0/19, single blocks 1/38 (proj_out only), text encoder none, text encoder 2 (T5) none'
 """
 
 from __future__ import annotations
@@ -133,15 +133,16 @@ def _block_text(b: dict[str, Any]) -> str:
 
 
 def coverage_line(entries: list[dict[str, Any]]) -> str:
-    """One line of :func:`coverage` for ``inspect``."""
+    """One line of :func:`coverage` for ``inspect``: the denoiser's block types, then the other
+    components."""
     parts = []
-    for e in entries:
+    for n, e in enumerate(entries):
         if not e["modules"]:
             parts.append(f"{e['label']} none")
-        elif len(e["blocks"]) == 1 and e["blocks"][0]["label"].startswith(e["label"]):
-            parts.append(_block_text(e["blocks"][0]))
+        elif e["blocks"] and (n == 0 or len(e["blocks"]) > 1):
+            parts.extend(_block_text(b) for b in e["blocks"])
         elif e["blocks"]:
-            parts.append(f"{e['label']}: " + ", ".join(_block_text(b) for b in e["blocks"]))
+            parts.append(_block_text(e["blocks"][0]))
         else:
             parts.append(f"{e['label']} {e['modules']} modules")
-    return "; ".join(parts)
+    return ", ".join(parts)
