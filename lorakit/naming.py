@@ -48,12 +48,12 @@ _COMPOUND = {
     "pos_embed", "patch_embed", "caption_projection", "adaln_single", "attn_out",
     "resnets", "attentions", "downsamplers", "upsamplers",
     # native checkpoint names (SD3/SAI MMDiT, Wan, SGM UNet, Flux XLabs processors)
-    "joint_blocks", "x_block", "context_block", "x_embedder", "t_embedder", "y_embedder",
+    "joint_blocks", "x_block", "context_block", "t_embedder", "y_embedder",
     "final_layer", "cross_attn", "k_img", "v_img", "text_embedding", "time_projection",
     "img_emb", "in_layers", "out_layers", "emb_layers", "skip_connection", "time_embed",
     "label_emb", "qkv_lora1", "qkv_lora2", "proj_lora1", "proj_lora2", "qkv_lora", "proj_lora",
     "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer", "out_layer",
-    "adaLN_modulation", "proj_mlp", "norm_out", "to_add_out",
+    "adaLN_modulation",
     # LLM families: T5 v1.1 / Flan-T5 gated FFN, Phi-3, Mixtral, Qwen2-MoE, GPT-J, GPT-NeoX,
     # Whisper/BART, Mamba, CLIP vision, LLaVA-style wrappers
     "wi_0", "wi_1", "qkv_proj", "gate_up_proj", "block_sparse_moe", "shared_expert", "fc_in",

@@ -139,6 +139,9 @@ def to_layout(adapter: Adapter, fmt: Format | str, family: Family | str | None =
     fam = _family_for(adapter, family)
     layout = LAYOUTS[fmt.value]
     naming = layout.naming_for(fam.name if fam else None)
+    if fmt is Format.KOHYA and fam is not None and fam.name == "sdxl" and \
+            adapter.source_format == "kohya":
+        naming = None  # SDXL kohya -> kohya keeps its names (SGM or diffusers) as read
     if fam is not None and fmt.value not in fam.layouts and fmt is not Format.PEFT:
         raise OptionError(f"{fam.title} adapters have no {fmt.value} layout (its layouts: "
                           f"{', '.join(fam.layouts)})", path=adapter.source)
@@ -198,7 +201,9 @@ def _write_file(adapter: Adapter, file: Path, fmt: Format, fam: Family | None,
     if fmt is Format.KOHYA:
         kohya.save_kohya(adapter, file, dtype=dtype, provenance=provenance, family=fam)
     elif fmt in (Format.BFL, Format.XLABS):
-        prefixed.save_prefixed(adapter, file, prefixed.SPELLINGS[fmt.value], dtype=dtype,
+        spelling = prefixed.WRITE_SPELLING.get((fmt.value, fam.name if fam else ""),
+                                                prefixed.SPELLINGS[fmt.value])
+        prefixed.save_prefixed(adapter, file, spelling, dtype=dtype,
                                provenance=provenance, family=fam.name if fam else None)
     else:
         diffusers.save_diffusers(adapter, file, dtype=dtype, provenance=provenance,

@@ -3,8 +3,9 @@
 * ``bfl`` (alias ``comfyui``): the original checkpoint's names under ``diffusion_model.``
   (``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`` with ``.alpha``, or
   ``lora_A``/``lora_B``), CLIP-L under ``text_encoders.clip_l.transformer.``, T5 under
-  ``text_encoders.t5xxl.transformer.``. Written with ``lora_down``/``lora_up`` and ``.alpha``, as
-  ComfyUI saves and reads them. Flux.1 and Wan 2.x files come this way.
+  ``text_encoders.t5xxl.transformer.``. Flux.1 is written with ``lora_down``/``lora_up`` and
+  ``.alpha``, as ComfyUI saves and reads it; Wan 2.x with ``lora_A``/``lora_B`` and no alphas
+  (scales folded into ``lora_B``), as Wan files in the field are.
 * ``xlabs``: XLabs' Flux attention processors, ``double_blocks.0.processor.qkv_lora1.down.weight``
   (optionally under ``diffusion_model.``). XLabs files hold no alpha (scale 1): written, every
   module's scale is folded into ``up`` (in float32, stored in the factors' dtype).
@@ -28,8 +29,13 @@ import torch
 
 from lorakit.adapter import Adapter
 from lorakit.errors import ConfigMismatchError, UnknownLayoutError
-from lorakit.formats.common import build_modules, cast, check_variants, refuse_embedding_lora, \
-    scalar_value
+from lorakit.formats.common import (
+    build_modules,
+    cast,
+    check_variants,
+    refuse_embedding_lora,
+    scalar_value,
+)
 from lorakit.io import write_safetensors
 
 
@@ -70,7 +76,11 @@ BFL = Spelling("bfl", (("text_encoders.clip_l.transformer.", "text_encoder"),
 XLABS = Spelling("xlabs", (("diffusion_model.", "transformer"), ("", "transformer")),
                  (("down.weight", "down"), ("up.weight", "up")),
                  ("down.weight", "up.weight", None), "xlabs")
+# ComfyUI's Wan files: lora_A/lora_B and no alphas (diffusers' Wan reader takes alphas in blocks
+# only), so scales are folded
+BFL_AB = Spelling("bfl", BFL.prefixes, _LORA, ("lora_A.weight", "lora_B.weight", None), "native")
 SPELLINGS = {"bfl": BFL, "xlabs": XLABS}
+WRITE_SPELLING = {("bfl", "wan"): BFL_AB}
 
 
 def classify(keys: list[str]) -> str | None:

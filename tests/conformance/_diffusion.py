@@ -1,0 +1,130 @@
+"""Tiny diffusion models built from config (real block structure and module names, tiny widths)
+and diffusers' own LoRA loaders as the judge of what a file applies.
+
+``applied(model)`` reads back, from the PEFT layers diffusers injected, each layer's update
+``scaling * B @ A``: what the loader applies. Import only after ``pytest.importorskip("diffusers")``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", module="diffusers")
+
+
+def flux(width: int = 16, double: int = 1, single: int = 1):
+    from diffusers import FluxTransformer2DModel
+
+    heads = width // 8
+    with torch.device("meta"):  # weights are never read: only the LoRA layers are compared
+        m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=double,
+                                   num_single_layers=single, attention_head_dim=8 if width < 1024
+                                   else 128, num_attention_heads=heads if width < 1024 else 24,
+                                   joint_attention_dim=16, pooled_projection_dim=8,
+                                   guidance_embeds=True, axes_dims_rope=(2, 2, 4) if width < 1024
+                                   else (16, 56, 56))
+    return m.to_empty(device="cpu")
+
+
+def sd3():
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2,
+                                  joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4,
+                                  dual_attention_layers=(0,))
+    return m.to_empty(device="cpu")
+
+
+def wan():
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                  in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+                                  ffn_dim=32, num_layers=2)
+    return m.to_empty(device="cpu")
+
+
+def unet(sdxl: bool):
+    from diffusers import UNet2DConditionModel
+
+    if sdxl:  # SDXL: three levels, no attention in the first, 1/2/2 transformer layers here
+        kw = dict(block_out_channels=(8, 16, 32),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 2, 2),
+                  addition_embed_type="text_time", addition_time_embed_dim=4,
+                  projection_class_embeddings_input_dim=4 * 6 + 8, use_linear_projection=True)
+    else:  # SD 1.x: four levels, attention in the first three
+        kw = dict(block_out_channels=(8, 8, 16, 16),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  attention_head_dim=2)
+    with torch.device("meta"):
+        m = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+                                 cross_attention_dim=16, norm_num_groups=4, **kw)
+    return m.to_empty(device="cpu")
+
+
+def clip(with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, vocab_size=100, projection_dim=8,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def linears(model, keep=lambda name: True) -> dict[str, tuple[int, int]]:
+    """``{module path: (out, in)}`` of the model's Linear layers."""
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and keep(n)}
+
+
+def applied(model) -> dict[str, torch.Tensor]:
+    """``{module path: scaling * B @ A}`` (float64) of every LoRA layer the loader injected."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) and m.lora_A:
+            adapter = next(iter(m.lora_A))
+            a = m.lora_A[adapter].weight.detach().double()
+            b = m.lora_B[adapter].weight.detach().double()
+            out[name] = m.scaling[adapter] * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))
+    return out
+
+
+PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
+             "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline",
+             "wan": "WanPipeline"}
+
+
+def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:
+    """Load ``file`` with the family pipeline's ``lora_state_dict`` and ``load_lora_into_*``
+    (what ``load_lora_weights`` does) into ``models`` (``{"transformer": m, "text_encoder": ..}``)."""
+    import diffusers
+
+    pipe = getattr(diffusers, PIPELINES[family])
+    kw = {"unet_config": models["unet"].config} if "unet" in models else {}  # as load_lora_weights
+    out = pipe.lora_state_dict(str(file), return_lora_metadata=True, **kw)
+    if family in ("sdxl", "sd15"):
+        state, alphas, meta = out
+    else:
+        (state, meta), alphas = out, None
+    for comp, model in models.items():
+        if comp == "unet":
+            pipe.load_lora_into_unet(state, alphas, model, metadata=meta)
+        elif comp == "transformer":
+            if family in ("flux1",):
+                pipe.load_lora_into_transformer(state, alphas, transformer=model, metadata=meta)
+            else:
+                pipe.load_lora_into_transformer(state, transformer=model, metadata=meta)
+        else:
+            pipe.load_lora_into_text_encoder(state, alphas, model, prefix=comp, metadata=meta)

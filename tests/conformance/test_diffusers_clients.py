@@ -1,0 +1,328 @@
+"""diffusers 0.42 as the real client, both directions (issue 16, Deliver 5).
+
+* lorakit writes: for each family and each layout lorakit writes that diffusers reads, diffusers'
+  own ``lora_state_dict`` + ``load_lora_into_*`` load the file into a model built from config
+  (tiny widths, the family's real block structure and names); every module is applied and the
+  applied update ``scaling * B @ A`` equals the adapter's (rel 1e-5).
+* diffusers reads: for each layout diffusers' converters read, a file built here by hand from the
+  published key scheme (no lorakit) is applied by diffusers, and lorakit reads the same updates.
+
+Known limits of diffusers 0.42 itself, asserted so that a fix upstream shows up here:
+kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, ``time_in``,
+``vector_in``, ``guidance_in``, ``final_layer``: the converter leaves them without the
+``transformer.`` prefix), and its kohya Flux reader splits ``linear1`` only at Flux.1's real width
+(3072), so that case runs on a real-width single block.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+import lorakit  # noqa: E402
+from lorakit.adapter import Adapter, LoraModule  # noqa: E402
+from lorakit.formats import adapter_family  # noqa: E402
+from lorakit.formats.rename import to_naming  # noqa: E402
+from tests.conformance import _diffusion as D  # noqa: E402
+
+pytestmark = pytest.mark.conformance
+RTOL = 1e-5
+# Flux top-level modules diffusers 0.42 drops from kohya / ComfyUI files (see the docstring)
+FLUX_TOP = ("x_embedder", "context_embedder", "proj_out", "norm_out.linear", "time_text_embed.")
+
+
+def _model_path(comp: str, key_path: str, models=None) -> str:
+    """transformers 5 names ``CLIPTextModel``'s layers ``encoder.layers.N`` (no
+    ``text_model.``; ``CLIPTextModelWithProjection`` keeps it)."""
+    if not (comp.startswith("text_encoder") and key_path.startswith("text_model.")):
+        return key_path
+    names = dict(models[comp].named_modules()) if models else {}
+    return key_path if key_path in names else key_path[len("text_model."):]
+
+
+def _delta(m: LoraModule) -> torch.Tensor:
+    """``scale * B @ A`` in float64 from the raw factors (the test's own reference)."""
+    r = m.down.shape[0]
+    b = m.up.detach().double().reshape(m.up.shape[0], r)
+    a = m.down.detach().double().reshape(r, -1)
+    return (m.alpha / r) * (b @ a)
+
+
+def build(models: dict[str, torch.nn.Module], keep=lambda comp, name: True, *, rank=2,
+          ranks=None, seed=0) -> Adapter:
+    """A LoRA on every kept Linear layer of ``models``, keys ``<component>.<diffusers path>``
+    (CLIP paths spelled ``text_model.encoder...`` as files spell them); alpha 3 (scale 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for comp, model in models.items():
+        for name, (out, inp) in D.linears(model, lambda n, c=comp: keep(c, n)).items():
+            r = ranks(name) if ranks else rank
+            path = f"text_model.{name}" if comp.startswith("text_encoder") and \
+                not name.startswith("text_model.") else name
+            mods[f"{comp}.{path}"] = LoraModule(torch.randn(r, inp, generator=g),
+                                                torch.randn(out, r, generator=g), alpha=1.5 * r)
+    return Adapter(modules=mods, component_prefix=True)
+
+
+def expected(adapter: Adapter, models) -> dict[tuple[str, str], torch.Tensor]:
+    out = {}
+    for key, m in adapter.modules.items():
+        comp, _, path = key.partition(".")
+        out[(comp, _model_path(comp, path, models))] = _delta(m)
+    return out
+
+
+def judge(family: str, file, models, want: dict[tuple[str, str], torch.Tensor],
+          dropped=()) -> None:
+    """diffusers applies exactly ``want`` (minus the modules it is known to drop)."""
+    D.diffusers_load(family, file, models)
+    got = {(comp, n): d for comp, model in models.items() for n, d in D.applied(model).items()}
+    want = {k: v for k, v in want.items() if not any(k[1].startswith(p) for p in dropped)}
+    assert set(got) == set(want), (sorted(set(want) - set(got))[:4], sorted(set(got) - set(want))[:4])
+    for k, ref in want.items():
+        err = float((got[k] - ref).norm() / ref.norm())
+        assert err < RTOL, (k, err)
+
+
+def _flux_models():
+    return {"transformer": D.flux(), "text_encoder": D.clip()}
+
+
+def _not_single_linear1(comp: str, name: str) -> bool:
+    # tiny width: diffusers' kohya reader only splits linear1 at 3072 (tested apart below)
+    return not re.match(r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)$", name)
+
+
+WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
+    ("flux1", "diffusers", _flux_models, None, ()),
+    ("flux1", "aitoolkit", _flux_models, None, ()),
+    ("flux1", "simpletuner", _flux_models, None, ()),
+    ("flux1", "kohya", _flux_models, _not_single_linear1, FLUX_TOP),
+    ("flux1", "bfl", _flux_models, _not_single_linear1, FLUX_TOP),
+    ("flux1", "xlabs", lambda: {"transformer": D.flux()},
+     lambda c, n: bool(re.search(r"attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)$|"
+                                 r"single_transformer_blocks\.\d+\.proj_out$", n)), ()),
+    ("sd3", "diffusers", lambda: {"transformer": D.sd3()}, None, ()),
+    ("sdxl", "diffusers", lambda: {"unet": D.unet(True), "text_encoder": D.clip(),
+                                   "text_encoder_2": D.clip(True)}, None, ()),
+    ("sdxl", "kohya", lambda: {"unet": D.unet(True), "text_encoder": D.clip(),
+                               "text_encoder_2": D.clip(True)}, None, ()),
+    ("sd15", "diffusers", lambda: {"unet": D.unet(False), "text_encoder": D.clip()}, None, ()),
+    ("sd15", "kohya", lambda: {"unet": D.unet(False), "text_encoder": D.clip()}, None, ()),
+    ("wan", "diffusers", lambda: {"transformer": D.wan()}, None, ()),
+    ("wan", "kohya", lambda: {"transformer": D.wan()},
+     lambda c, n: bool(re.match(r"blocks\.\d+\.(attn[12]\.(to_[qkv]|to_out\.0)|ffn\.net)", n)), ()),
+    ("wan", "bfl", lambda: {"transformer": D.wan()}, None, ()),
+]
+
+
+def _keep_lora_able(keep):
+    def inner(comp, name):
+        if comp.startswith("text_encoder") and "layers" not in name:
+            return False  # CLIP's projection is not a LoRA target of the diffusers loaders
+        return keep(comp, name) if keep else True
+    return inner
+
+
+@pytest.mark.parametrize("family,layout,models,keep,dropped", WRITE_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in WRITE_CASES])
+def test_diffusers_applies_what_lorakit_writes(family, layout, models, keep, dropped, tmp_path):
+    ms = models()
+    src = build(ms, _keep_lora_able(keep))
+    assert adapter_family(src).name == family
+    file = lorakit.save(src, tmp_path / f"{layout}.safetensors", layout)
+    judge(family, file, models(), expected(src, ms), dropped)
+    back = to_naming(lorakit.load(file), adapter_family(src), "diffusers")
+    assert sorted(back.modules) == sorted(src.modules)  # and lorakit reads its own file
+
+
+def test_flux_kohya_linear1_at_real_width(tmp_path):
+    """A single block at Flux.1's width: q, k, v and proj_mlp fuse into kohya ``linear1`` (rank
+    4 x 4 = 16, block-diagonal B) and diffusers splits it back exactly."""
+    models = {"transformer": D.flux(width=3072, double=0, single=1)}
+    src = build(models, lambda c, n: n.startswith("single_transformer_blocks.0.")
+                and not n.endswith("norm.linear"), rank=4)
+    file = lorakit.save(src, tmp_path / "k.safetensors", "kohya")
+    fused = lorakit.load(file).modules["transformer.single_blocks.0.linear1"]
+    assert fused.rank == 16 and fused.up.shape == (7 * 3072, 16)
+    judge("flux1", file, models, expected(src, models))
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_prefixless_unet_file_reaches_diffusers(fmt, tmp_path):
+    """Defect 1: ``get_peft_model_state_dict(unet)`` keys carry no ``unet.``; as kohya
+    (``lora_unet_...``) and as diffusers every layer reaches diffusers' UNet."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                     target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                     "ff.net.0.proj", "ff.net.2"])
+    peft_unet = inject_adapter_in_model(cfg, D.unet(True))
+    state = get_peft_model_state_dict(peft_unet)
+    assert not any(k.startswith("unet.") for k in state)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(bare))
+    a = lorakit.load(bare)
+    assert a.components() == ["unet"]
+    file = lorakit.save(lorakit.convert(a, fmt), tmp_path / f"o_{fmt}.safetensors", fmt)
+    if fmt == "kohya":
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            assert all(k.startswith("lora_unet_") for k in f.keys())  # noqa: SIM118
+    want = {("unet", k[len("unet."):]): _delta(m) for k, m in a.modules.items()}
+    assert len(want) == sum(k.endswith("lora_A.weight") for k in state)  # every layer
+    judge("sdxl", file, {"unet": D.unet(True)}, want)
+
+
+def test_text_encoder_rank_pattern_matches_transformers5_names(tmp_path):
+    """Defect 2: a mixed-rank text-encoder file written as diffusers loads into transformers 5's
+    CLIP (``encoder.layers.N``) with every rank and scale right."""
+    models = {"text_encoder": D.clip(), "text_encoder_2": D.clip(True)}
+    src = build(models, _keep_lora_able(None), ranks=lambda n: 2 if "q_proj" in n else 4)
+    file = lorakit.save(src, tmp_path / "te.safetensors", "diffusers")
+    judge("sdxl", file, models, expected(src, models))
+
+
+# ------------------------------------------------------------------ layouts diffusers converts
+
+def _rand(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def _flux_bfl_state(width: int, style: str, g) -> dict[str, torch.Tensor]:
+    """BFL names for a 1-double, 1-single tiny Flux (published sd-scripts / ComfyUI scheme)."""
+    h = width
+    mods = {"double_blocks.0.img_attn.qkv": (3 * h, h), "double_blocks.0.img_attn.proj": (h, h),
+            "double_blocks.0.txt_attn.qkv": (3 * h, h), "double_blocks.0.txt_attn.proj": (h, h),
+            "double_blocks.0.img_mlp.0": (4 * h, h), "double_blocks.0.img_mlp.2": (h, 4 * h),
+            "double_blocks.0.txt_mlp.0": (4 * h, h), "double_blocks.0.txt_mlp.2": (h, 4 * h),
+            "double_blocks.0.img_mod.lin": (6 * h, h), "double_blocks.0.txt_mod.lin": (6 * h, h),
+            "single_blocks.0.linear2": (h, 5 * h), "single_blocks.0.modulation.lin": (3 * h, h)}
+    out = {}
+    for name, (o, i) in mods.items():
+        r = 4
+        if style == "kohya":
+            stem = "lora_unet_" + name.replace(".", "_")
+            out[f"{stem}.lora_down.weight"] = _rand(g, r, i)
+            out[f"{stem}.lora_up.weight"] = _rand(g, o, r)
+            out[f"{stem}.alpha"] = torch.tensor(2.0)
+        else:  # ComfyUI: diffusion_model. + dotted BFL names
+            out[f"diffusion_model.{name}.lora_down.weight"] = _rand(g, r, i)
+            out[f"diffusion_model.{name}.lora_up.weight"] = _rand(g, o, r)
+            out[f"diffusion_model.{name}.alpha"] = torch.tensor(8.0)
+    return out
+
+
+def _xlabs_state(h: int, g) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (o, i) in {"double_blocks.0.processor.qkv_lora1": (3 * h, h),
+                         "double_blocks.0.processor.proj_lora1": (h, h),
+                         "double_blocks.0.processor.qkv_lora2": (3 * h, h),
+                         "double_blocks.0.processor.proj_lora2": (h, h),
+                         "single_blocks.0.processor.qkv_lora": (3 * h, h),
+                         "single_blocks.0.processor.proj_lora": (h, 5 * h)}.items():
+        out[f"{name}.down.weight"] = _rand(g, 4, i)
+        out[f"{name}.up.weight"] = _rand(g, o, 4)
+    return out
+
+
+def _mixture_state(model, g) -> dict[str, torch.Tensor]:
+    """ai-toolkit's kohya-style file with diffusers names (``lora_transformer_...``); diffusers
+    0.42 maps only the attention layers of blocks in this layout."""
+    out = {}
+    for name, (o, i) in D.linears(model, lambda n: "blocks" in n and ".attn." in n).items():
+        stem = "lora_transformer_" + name.replace(".", "_")
+        out[f"{stem}.lora_down.weight"] = _rand(g, 2, i)
+        out[f"{stem}.lora_up.weight"] = _rand(g, o, 2)
+        out[f"{stem}.alpha"] = torch.tensor(4.0)
+    return out
+
+
+_WAN_NATIVE = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+               "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q",
+               "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+               "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+
+
+def _wan_state(model, style: str, g) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (o, i) in D.linears(model, lambda n: n.startswith("blocks.")).items():
+        m = re.match(r"blocks\.(\d+)\.(.+)$", name)
+        native = f"blocks.{m[1]}.{_WAN_NATIVE[m[2]]}"
+        if style == "musubi":
+            stem = "lora_unet_" + native.replace(".", "_")
+            out[f"{stem}.lora_down.weight"] = _rand(g, 2, i)
+            out[f"{stem}.lora_up.weight"] = _rand(g, o, 2)
+            out[f"{stem}.alpha"] = torch.tensor(1.0)
+        else:
+            out[f"diffusion_model.{native}.lora_A.weight"] = _rand(g, 2, i)
+            out[f"diffusion_model.{native}.lora_B.weight"] = _rand(g, o, 2)
+    return out
+
+
+_SGM = {"down_blocks.1.attentions.0": "input_blocks.4.1", "down_blocks.1.attentions.1":
+        "input_blocks.5.1", "down_blocks.2.attentions.0": "input_blocks.7.1",
+        "down_blocks.2.attentions.1": "input_blocks.8.1", "mid_block.attentions.0":
+        "middle_block.1", "up_blocks.0.attentions.0": "output_blocks.0.1",
+        "up_blocks.0.attentions.1": "output_blocks.1.1", "up_blocks.0.attentions.2":
+        "output_blocks.2.1", "up_blocks.1.attentions.0": "output_blocks.3.1",
+        "up_blocks.1.attentions.1": "output_blocks.4.1", "up_blocks.1.attentions.2":
+        "output_blocks.5.1"}
+
+
+def _sgm_state(model, g) -> dict[str, torch.Tensor]:
+    """sd-scripts' SDXL names (SGM UNet blocks, diffusers-like attention insides)."""
+    out = {}
+    for name, (o, i) in D.linears(model, lambda n: "attentions" in n).items():
+        head = re.match(r"^((?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.0)",
+                        name)[1]
+        stem = "lora_unet_" + (_SGM[head] + name[len(head):]).replace(".", "_")
+        out[f"{stem}.lora_down.weight"] = _rand(g, 2, i)
+        out[f"{stem}.lora_up.weight"] = _rand(g, o, 2)
+        out[f"{stem}.alpha"] = torch.tensor(1.0)
+    return out
+
+
+READ_CASES = {  # name: (family, models, state builder)
+    "flux-kohya": ("flux1", lambda: {"transformer": D.flux()},
+                   lambda ms, g: _flux_bfl_state(16, "kohya", g)),
+    "flux-comfyui": ("flux1", lambda: {"transformer": D.flux()},
+                     lambda ms, g: _flux_bfl_state(16, "comfy", g)),
+    "flux-xlabs": ("flux1", lambda: {"transformer": D.flux()}, lambda ms, g: _xlabs_state(16, g)),
+    "flux-aitoolkit-kohya-names": ("flux1", lambda: {"transformer": D.flux()},
+                                   lambda ms, g: _mixture_state(ms["transformer"], g)),
+    "wan-comfyui": ("wan", lambda: {"transformer": D.wan()},
+                    lambda ms, g: _wan_state(ms["transformer"], "comfy", g)),
+    "wan-musubi": ("wan", lambda: {"transformer": D.wan()},
+                   lambda ms, g: _wan_state(ms["transformer"], "musubi", g)),
+    "sdxl-kohya-sgm": ("sdxl", lambda: {"unet": D.unet(True)},
+                       lambda ms, g: _sgm_state(ms["unet"], g)),
+}
+
+
+@pytest.mark.parametrize("case", list(READ_CASES))
+def test_lorakit_reads_what_diffusers_applies(case, tmp_path):
+    family, models, make = READ_CASES[case]
+    ms = models()
+    state = make(ms, torch.Generator().manual_seed(1))
+    file = tmp_path / f"{case}.safetensors"
+    save_file(state, str(file))
+    D.diffusers_load(family, file, ms)
+    got = {(comp, n): d for comp, model in ms.items() for n, d in D.applied(model).items()}
+    a = lorakit.load(file)
+    assert adapter_family(a).name == family
+    mine = {}
+    for key, m in to_naming(a, adapter_family(a), "diffusers").modules.items():
+        comp, _, path = key.partition(".")
+        mine[(comp, path)] = _delta(m)
+    assert set(mine) == set(got) and got, (sorted(set(mine) ^ set(got))[:4])
+    for k, ref in got.items():
+        err = float((mine[k] - ref).norm() / ref.norm())
+        assert err < RTOL, (k, err)
