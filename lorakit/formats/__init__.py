@@ -32,6 +32,8 @@ from lorakit.errors import (
 from lorakit.formats.families import Family, detect_family, get_family
 from lorakit.formats.registry import LAYOUTS, Format, parse_format
 
+FAMILY_KEY = "lorakit.family"  # metadata: the family detected at load (or named by --family)
+
 
 def load_adapter(path: str | Path, format: Format | str | None = None, *,
                  family: str | None = None, ignore_unknown: bool = False) -> Adapter:
@@ -95,7 +97,10 @@ def _load(path: Path, fmt: Format | None, family: str | None,
 
     adapter, unknown = _read(path, fmt)
     fam = get_family(family) if family else adapter_family(adapter)
-    return account(adapter, unknown, fam, ignore_unknown=ignore_unknown)
+    adapter = account(adapter, unknown, fam, ignore_unknown=ignore_unknown)
+    if fam is not None:  # kept, so a later conversion of this adapter knows its family
+        adapter.metadata[FAMILY_KEY] = fam.name
+    return adapter
 
 
 def adapter_family(adapter: Adapter) -> Family | None:
