@@ -51,6 +51,26 @@ def wan():
     return m.to_empty(device="cpu")
 
 
+def qwen():
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2,
+                                        joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+    return m.to_empty(device="cpu")
+
+
+def ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    with torch.device("meta"):
+        m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2,
+                                       attention_head_dim=8, cross_attention_dim=16, num_layers=2,
+                                       caption_channels=16)
+    return m.to_empty(device="cpu")
+
+
 def unet(sdxl: bool):
     from diffusers import UNet2DConditionModel
 
@@ -103,7 +123,7 @@ def applied(model) -> dict[str, torch.Tensor]:
 
 PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline",
-             "wan": "WanPipeline"}
+             "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:

@@ -7,6 +7,8 @@
 * diffusers reads: for each layout diffusers' converters read, a file built here by hand from the
   published key scheme (no lorakit) is applied by diffusers, and lorakit reads the same updates.
 
+Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video.
+
 Known limits of diffusers 0.42 itself, asserted so that a fix upstream shows up here:
 kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, ``time_in``,
 ``vector_in``, ``guidance_in``, ``final_layer``: the converter leaves them without the
@@ -119,6 +121,11 @@ WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
     ("wan", "kohya", lambda: {"transformer": D.wan()},
      lambda c, n: bool(re.match(r"blocks\.\d+\.(attn[12]\.(to_[qkv]|to_out\.0)|ffn\.net)", n)), ()),
     ("wan", "bfl", lambda: {"transformer": D.wan()}, None, ()),
+    ("qwenimage", "diffusers", lambda: {"transformer": D.qwen()}, None, ()),
+    ("qwenimage", "kohya", lambda: {"transformer": D.qwen()}, None, ()),
+    ("qwenimage", "bfl", lambda: {"transformer": D.qwen()}, None, ()),
+    ("ltxvideo", "diffusers", lambda: {"transformer": D.ltx()}, None, ()),
+    ("ltxvideo", "bfl", lambda: {"transformer": D.ltx()}, None, ()),
 ]
 
 
@@ -290,6 +297,21 @@ def _sgm_state(model, g) -> dict[str, torch.Tensor]:
     return out
 
 
+def _same_names_state(model, style: str, g) -> dict[str, torch.Tensor]:
+    """Qwen-Image / LTX-Video files outside diffusers: ``diffusion_model.`` + diffusers names
+    (``lora_down``/``lora_up`` + ``.alpha``, or ``lora_A``/``lora_B``)."""
+    out = {}
+    for name, (o, i) in D.linears(model, lambda n: n.startswith("transformer_blocks.")).items():
+        if style == "down_up":
+            out[f"diffusion_model.{name}.lora_down.weight"] = _rand(g, 2, i)
+            out[f"diffusion_model.{name}.lora_up.weight"] = _rand(g, o, 2)
+            out[f"diffusion_model.{name}.alpha"] = torch.tensor(3.0)
+        else:
+            out[f"diffusion_model.{name}.lora_A.weight"] = _rand(g, 2, i)
+            out[f"diffusion_model.{name}.lora_B.weight"] = _rand(g, o, 2)
+    return out
+
+
 READ_CASES = {  # name: (family, models, state builder)
     "flux-kohya": ("flux1", lambda: {"transformer": D.flux()},
                    lambda ms, g: _flux_bfl_state(16, "kohya", g)),
@@ -304,6 +326,10 @@ READ_CASES = {  # name: (family, models, state builder)
                    lambda ms, g: _wan_state(ms["transformer"], "musubi", g)),
     "sdxl-kohya-sgm": ("sdxl", lambda: {"unet": D.unet(True)},
                        lambda ms, g: _sgm_state(ms["unet"], g)),
+    "qwenimage-comfyui": ("qwenimage", lambda: {"transformer": D.qwen()},
+                          lambda ms, g: _same_names_state(ms["transformer"], "down_up", g)),
+    "ltxvideo-comfyui": ("ltxvideo", lambda: {"transformer": D.ltx()},
+                         lambda ms, g: _same_names_state(ms["transformer"], "ab", g)),
 }
 
 
