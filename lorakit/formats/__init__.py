@@ -78,7 +78,8 @@ def _read(path: Path, fmt: Format | None) -> tuple[Adapter, list[str]]:
         raise ConfigMismatchError(f"asked to read it as {fmt.value} but it is {detected} "
                                   f"({layout})", path=path)
     if detected == "peft":
-        return load_peft(path), []
+        unknown: list[str] = []  # LoRA-like keys of no role (other tensors are extras)
+        return load_peft(path, unknown), unknown
     file = weights_in_folder(path) if path.is_dir() else path
     if file.suffix == ".safetensors":
         tensors, meta = read_safetensors(file)

@@ -106,7 +106,8 @@ def _split_key(k: str) -> tuple[str, str | None]:
     return body, None
 
 
-def _group(tensors: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict, dict]:
+def _group(tensors: dict[str, torch.Tensor], path: Path,
+           unknown: list[str] | None = None) -> tuple[dict, dict, dict]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extras: dict[str, torch.Tensor] = {}
     e_vectors: dict[str, torch.Tensor] = {}
@@ -115,6 +116,9 @@ def _group(tensors: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict, di
         mod, role = _split_key(k)
         if role is None:
             if ".lora_" in k or k.startswith("lora_"):
+                if unknown is not None:  # accounted for by the caller (--ignore-unknown)
+                    unknown.append(k)
+                    continue
                 raise UnknownLayoutError("LoRA-like key in no layout lorakit knows", path=path,
                                          key=k)
             extras[mod] = t
@@ -134,7 +138,7 @@ def _group(tensors: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict, di
     return parts, extras, e_vectors
 
 
-def load_peft(path: str | Path) -> Adapter:
+def load_peft(path: str | Path, unknown: list[str] | None = None) -> Adapter:
     """Load a PEFT adapter folder (or its weights file with the config beside it).
 
     Example:
@@ -159,7 +163,7 @@ def load_peft(path: str | Path) -> Adapter:
         tensors, meta = read_pickle(weights), {}
     if not tensors:
         raise InputNotFoundError("weights file holds no tensors", path=weights)
-    parts, extras, e_vectors = _group(tensors, weights)
+    parts, extras, e_vectors = _group(tensors, weights, unknown)
     if not parts:
         raise ConfigMismatchError("no LoRA tensors (lora_A/lora_B) in the weights file",
                                   path=weights)

@@ -33,6 +33,8 @@ class Format(str, enum.Enum):
 
 
 ALIASES = {"comfyui": "bfl", "ai-toolkit": "aitoolkit"}
+# layouts written as one .safetensors file (PEFT is a folder)
+FILE_LAYOUTS = ("diffusers", "kohya", "bfl", "xlabs", "aitoolkit", "simpletuner", "comfyui")
 LAYOUT_NAMES = tuple(f.value for f in Format) + tuple(ALIASES)
 
 

@@ -118,3 +118,24 @@ def to_naming(adapter: Adapter, family: Family, naming: str) -> Adapter:
         ordered = [parts.get(j) for j in range(len(rule.parts))]
         out[nkey] = fuse_modules(ordered, rule.weights, swap=rule.swap, key=nkey)
     return adapter.copy(modules=out)
+
+
+def align(adapters: list[Adapter]) -> list[Adapter]:
+    """The adapters in one naming, so that modules of the same layer share a key: adapters of one
+    family whose namings differ (a kohya Flux file and a diffusers one) all move to the diffusers
+    naming; anything else is returned as is. For merges of files from different trainers.
+
+    Example:
+        >>> align([]) == []
+        True
+    """
+    from lorakit.formats import adapter_family
+
+    fams = {f.name: f for a in adapters if (f := adapter_family(a)) is not None}
+    if len(fams) != 1:  # none known, or several: nothing to align
+        return list(adapters)
+    fam = next(iter(fams.values()))  # an undecided one (shared names) is taken to be the same
+    namings = {naming_of(a, fam) for a in adapters}
+    if len(namings) == 1:
+        return list(adapters)
+    return [to_naming(a, fam, "diffusers") for a in adapters]

@@ -313,3 +313,24 @@ def test_layout_table_lists_every_family():
     assert rows[0][:4] == ["family", "peft", "diffusers", "aitoolkit"]
     flux = next(r for r in rows if r[0] == "Flux.1")
     assert flux.count("yes") == 7
+
+
+def test_align_brings_two_namings_together(tmp_path):
+    """A kohya Flux file (fused qkv) and a diffusers one (split) align on diffusers keys, so a
+    merge sums the same layers; the sum equals the sum of the stacked updates."""
+    from lorakit.formats.rename import align
+
+    k = lorakit.load(write_st(tmp_path / "k.safetensors",
+                              kohya("lora_unet_double_blocks_0_img_attn_qkv", 2, H, 3 * H, 1, 2)))
+    d = lorakit.load(write_st(tmp_path / "d.safetensors", {
+        f"transformer.transformer_blocks.0.attn.to_k.lora_{s}.weight": randn(*shape, seed=5)
+        for s, shape in (("A", (2, H)), ("B", (H, 2)))}))
+    a, b = align([k, d])
+    assert "transformer.transformer_blocks.0.attn.to_k" in a.modules and sorted(b.modules) == \
+        sorted(d.modules)
+    merged = lorakit.merge([a, b], "linear")
+    got = lora_delta(merged.modules["transformer.transformer_blocks.0.attn.to_k"])
+    up = k.modules["transformer.double_blocks.0.img_attn.qkv"]
+    want = np_delta(up.up[H:2 * H], up.down, 1.0) + lora_delta(
+        d.modules["transformer.transformer_blocks.0.attn.to_k"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
