@@ -29,6 +29,22 @@ def flux(width: int = 16, double: int = 1, single: int = 1):
     return m.to_empty(device="cpu")
 
 
+def flux_real_single(n_single: int, materialise: tuple[int, ...]):
+    """Flux.1-dev's width with ``n_single`` single blocks on the meta device; only the
+    ``proj_out`` of the listed blocks gets memory (the layers a sparse LoRA adapts)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        m = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=0,
+                                   num_single_layers=n_single, attention_head_dim=128,
+                                   num_attention_heads=24, joint_attention_dim=4096,
+                                   pooled_projection_dim=768, guidance_embeds=True,
+                                   axes_dims_rope=(16, 56, 56))
+    for i in materialise:
+        m.single_transformer_blocks[i].proj_out.to_empty(device="cpu")
+    return m
+
+
 def sd3():
     from diffusers import SD3Transformer2DModel
 

@@ -352,3 +352,19 @@ def test_lorakit_reads_what_diffusers_applies(case, tmp_path):
     for k, ref in got.items():
         err = float((mine[k] - ref).norm() / ref.norm())
         assert err < RTOL, (k, err)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("layout", ["original", "kohya"])
+def test_real_flux_aitoolkit_file_in_diffusers(layout, tmp_path):
+    """Deliver 6: the real ai-toolkit Flux.1 LoRA (single blocks 7, 12, 16, 20, proj_out, real
+    width 3072 + 12288 -> 3072), as published and as lorakit's kohya file (``linear2``): diffusers
+    applies the four updates lorakit reads. Only the adapted layers of the model exist."""
+    from tests.conftest import require_real
+
+    src = require_real("flux1_aitoolkit_leighwoods") / "lora.safetensors"
+    a = lorakit.load(src)
+    file = src if layout == "original" else lorakit.save(a, tmp_path / "k.safetensors", "kohya")
+    model = D.flux_real_single(21, (7, 12, 16, 20))
+    judge("flux1", file, {"transformer": model},
+          {("transformer", k[len("transformer."):]): _delta(m) for k, m in a.modules.items()})
