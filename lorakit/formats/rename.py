@@ -64,6 +64,17 @@ def naming_of(adapter: Adapter, family: Family) -> str:
     return "diffusers" if counts["diffusers"] == best else max(counts, key=counts.__getitem__)
 
 
+def _moves(adapter: Adapter, family: Family, key: str, naming: str) -> bool:
+    """Whether the module at ``key`` is not spelled in ``naming`` yet."""
+    den, _, path = _is_denoiser(adapter, family, key)
+    if not den:
+        return False
+    if family.denoiser.knows(path):  # a diffusers name
+        return naming != "diffusers" and family.part_rule(path, naming) is not None
+    others = [n for n in ("native", *family.namings) if n != naming]
+    return any(family.native_rule(path, n) is not None for n in others)
+
+
 def _split_all(adapter: Adapter, family: Family) -> dict[str, list[LoraModule]]:
     out: dict[str, list[LoraModule]] = {}
     for key, m in adapter.modules.items():
@@ -92,10 +103,8 @@ def to_naming(adapter: Adapter, family: Family, naming: str) -> Adapter:
     """
     if naming not in NAMINGS:
         raise ConfigMismatchError(f"unknown naming {naming!r} (known: {', '.join(NAMINGS)})")
-    if naming_of(adapter, family) == naming and all(
-            naming == "diffusers" or not family.denoiser.knows(adapter.split_key(k)[1])
-            or not _is_denoiser(adapter, family, k)[0] for k in adapter.modules):
-        return adapter
+    if not any(_moves(adapter, family, k, naming) for k in adapter.modules):
+        return adapter  # already in that naming: nothing is copied
     split = {k: add_modules(ms, key=k) for k, ms in _split_all(adapter, family).items()}
     if naming == "diffusers" or not family.rules_for(naming):
         return adapter.copy(modules=split)
