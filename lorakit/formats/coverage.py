@@ -118,7 +118,8 @@ def coverage(adapter: Adapter, family: Family) -> list[dict[str, Any]]:
             subs = sorted(set().union(*seen.values())) if seen else []
             entry["blocks"].append({"label": bt.label, "adapted": len(seen), "count": bt.count,
                                     "layers": subs,
-                                    "all_layers": bool(bt.subs) and set(bt.subs) <= set(subs)})
+                                    # a block type that lists no layers prints no detail
+                                    "all_layers": not bt.subs or set(bt.subs) <= set(subs)})
         out.append(entry)
     return out
 
