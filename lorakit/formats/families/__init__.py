@@ -52,6 +52,8 @@ def get_family(name: str) -> Family:
 def _scores(paths: list[str]) -> dict[str, int]:
     scores: dict[str, int] = {}
     for fam in FAMILIES.values():
+        if any(rx.search(p) for p in paths for rx in fam.anti_res):
+            continue
         n = sum(1 for p in paths if any(rx.search(p) for rx in fam.marker_res))
         if n:
             scores[fam.name] = n

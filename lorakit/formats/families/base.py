@@ -176,6 +176,7 @@ class Family:
         modelspec: ``modelspec.architecture`` written to kohya files.
         base_version: kohya ``ss_base_model_version``.
         markers: regexes over diffusers or native denoiser paths that identify the family.
+        anti_markers: regexes no path of the family matches (a hit rules the family out).
     """
 
     name: str
@@ -187,6 +188,7 @@ class Family:
     modelspec: str = ""
     base_version: str = ""
     markers: tuple[str, ...] = ()
+    anti_markers: tuple[str, ...] = ()
     native_known: tuple[str, ...] = field(default=())  # native paths no rule covers (same names)
 
     @property
@@ -202,6 +204,10 @@ class Family:
     @cached_property
     def marker_res(self) -> tuple[re.Pattern[str], ...]:
         return tuple(re.compile(m) for m in self.markers)
+
+    @cached_property
+    def anti_res(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(re.compile(m) for m in self.anti_markers)
 
     def rules_for(self, naming: str) -> tuple[Rule, ...]:
         """The rules of a naming (``native`` or one of ``namings``)."""

@@ -64,6 +64,7 @@ SD3 = Family(
         t5("text_encoder_3", "text encoder 3 (T5)", "lora_te3_")),
     rules=NATIVE, layouts=("diffusers", "kohya", "peft"),
     modelspec="stable-diffusion-v3-medium/lora", base_version="sd3",
-    markers=(r"^joint_blocks\.", r"^pos_embed\.proj$",
+    markers=(r"^joint_blocks\.", r"^transformer_blocks\.\d+\.attn2\.", r"^pos_embed\.proj$",
              r"^(x|t|y)_embedder\."),
+    anti_markers=(r"^transformer_blocks\.\d+\.attn1\.",),  # LTX-Video's blocks
 )
