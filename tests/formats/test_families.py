@@ -335,3 +335,18 @@ def test_align_brings_two_namings_together(tmp_path):
     want = np_delta(up.up[H:2 * H], up.down, 1.0) + lora_delta(
         d.modules["transformer.transformer_blocks.0.attn.to_k"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_lora_key_in_a_peft_folder(tmp_path):
+    """PEFT: tensors without a LoRA role are extras (modules_to_save) by design; a LoRA-like key
+    of no role is the named error, and ``--ignore-unknown`` lists it."""
+    from tests.formats.helpers import peft_pair, write_peft
+
+    bad = "base_model.model.model.layers.0.q_proj.lora_Z.weight"
+    folder = write_peft(tmp_path / "p", {"r": 2, "lora_alpha": 2},
+                        {**peft_pair("model.layers.0.q_proj", 2, 4, 4, 1), bad: randn(2, 2)})
+    with pytest.raises(UnknownLayoutError) as info:
+        lorakit.load(folder)
+    assert info.value.key == bad
+    res = CliRunner().invoke(cli, ["inspect", str(folder), "--ignore-unknown", "--no-spectra"])
+    assert res.exit_code == 0 and f"ignored 1 unknown key(s): {bad}" in res.output, res.output
