@@ -190,7 +190,7 @@ def run(args: argparse.Namespace, device: torch.device, tmp: Path) -> None:
         make_kohya(src, names, RANK, seed=0)
     merge_files = [] if args.no_merge else [tmp / f"flux_m{i}_r{r}.safetensors"
                                             for i, r in enumerate(MERGE_RANKS)]
-    for i, (f, r) in enumerate(zip(merge_files, MERGE_RANKS, strict=True)):
+    for i, (f, r) in enumerate(zip(merge_files, MERGE_RANKS)):  # noqa: B905 (none: --no-merge)
         if not f.exists():
             make_kohya(f, names, r, seed=10 + i)
     if args.print_commands:
