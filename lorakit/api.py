@@ -23,6 +23,10 @@ def load(source: str | Path, format: Format | str | None = None) -> Adapter:
     Example:
         >>> load("../shared/real_adapters/smollm135m_medai_5ep").ranks()   # doctest: +SKIP
     """
+    from lorakit.outputs import note_input
+
+    if not str(source).startswith("hf://"):
+        note_input(source)  # inside guard_inputs (the CLI), no output may touch it
     return load_adapter(source, format)
 
 

@@ -125,6 +125,17 @@ def run_batch_cli(task: str, plan: Any, out: str, options: dict[str, Any],
     note_written(out)  # --push-to uploads the whole collection folder
 
 
+def check_single_report(report_file: str | None, force: bool, out: str) -> None:
+    """Refuse a bad ``--report FILE`` of a one-adapter command before any work (the output
+    rules: not existing without --force, not a folder, its folder present, apart from -o)."""
+    if report_file:
+        from pathlib import Path
+
+        from lorakit.outputs import check_report
+
+        check_report(report_file, force, outputs=[Path(out)])
+
+
 def _batch_kw(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {n: kwargs.pop(n) for n in ("jobs", "executor", "address", "keep_going")}
 
@@ -227,9 +238,8 @@ def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | No
                 report_file: str | None, force: bool, dtype: str | None, quiet: bool,
                 as_json: bool, **batch_kw: Any) -> None:
     """Convert adapters between PEFT, diffusers and kohya layouts (updates are unchanged)."""
-    from pathlib import Path
-
     from lorakit.api import convert, load, save
+    from lorakit.outputs import write_text_output
     from lorakit.report import dumps
     from lorakit.sources import expand
 
@@ -239,6 +249,7 @@ def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | No
                              {"to": to, "component": component, "dtype": _dtype_name(dtype)},
                              _batch_kw(batch_kw), force=force, quiet=quiet, as_json=as_json,
                              report_file=report_file)
+    check_single_report(report_file, force, out)
     src = plan.sources[0].spec
     adapter = load(src)
     converted = convert(adapter, to, component=component)
@@ -247,7 +258,7 @@ def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | No
     result = {"source": src, "output": str(written), "format": to,
               "modules": len(converted.modules)}
     if report_file:
-        Path(report_file).write_text(dumps(result))
+        write_text_output(report_file, dumps(result), force=force)
     if as_json:
         click.echo(dumps(result))
     elif not quiet:
@@ -329,6 +340,7 @@ def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
     from lorakit.api import load, save
     from lorakit.compress.resize import resize
     from lorakit.lowrank import RankPolicy
+    from lorakit.outputs import write_text_output
     from lorakit.report import dumps, print_resize
     from lorakit.sources import expand
 
@@ -341,6 +353,7 @@ def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
                                                    "dtype": _dtype_name(dtype)},
                              batch_kw, force=force, quiet=quiet, as_json=as_json,
                              report_file=report_file)
+    check_single_report(report_file, force, out)
     many = False
     results = []
     for src in (s.spec for s in plan.sources):
@@ -355,7 +368,7 @@ def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
         if not (quiet or as_json):
             print_resize(info, _console())
     if report_file:
-        Path(report_file).write_text(dumps(results if many else results[0]))
+        write_text_output(report_file, dumps(results if many else results[0]), force=force)
     if as_json:
         click.echo(dumps(results if many else results[0]))
 
@@ -484,6 +497,7 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
     from lorakit.api import load, save
     from lorakit.compress.squeeze import SqueezeOptions, squeeze_with
     from lorakit.lowrank import RankPolicy
+    from lorakit.outputs import write_text_output
     from lorakit.report import dumps, print_resize
     from lorakit.sources import expand
 
@@ -500,6 +514,7 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
                                                     "to": to, "dtype": _dtype_name(dtype)},
                              batch_kw, force=force, quiet=quiet, as_json=as_json,
                              report_file=report_file)
+    check_single_report(report_file, force, out)
     many = False
     results = []
     for src in (s.spec for s in plan.sources):
@@ -514,7 +529,7 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
         if not (quiet or as_json):
             print_resize(info, _console(), action="squeeze")
     if report_file:
-        Path(report_file).write_text(dumps(results if many else results[0]))
+        write_text_output(report_file, dumps(results if many else results[0]), force=force)
     if as_json:
         click.echo(dumps(results if many else results[0]))
 
