@@ -32,6 +32,7 @@ from lorakit.errors import (
     InputNotFoundError,
     LfsPointerError,
     OutputWriteError,
+    UnsupportedVariantError,
     one_line,
 )
 from lorakit.outputs import (  # noqa: F401 - the output contract, importable from here too
@@ -62,6 +63,8 @@ _TORCH_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _ST_NAMES = {dt: name for name, dt in _TORCH_DTYPES.items()}
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_UNSUPPORTED = ("F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64")  # refused by name
 _MAX_HEADER = 100 * 1024 * 1024
 _LFS_SIZE = re.compile(rb"^size (\d+)$", re.MULTILINE)
 
@@ -205,10 +208,16 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     header, meta, start = _parse_header(path)
     size = path.stat().st_size
     _check_tiling(path, header, size - start)
+    bad = next((k for k, e in header.items() if e["dtype"] in _UNSUPPORTED), None)
+    if bad is not None:
+        raise UnsupportedVariantError(
+            f"tensor dtype {header[bad]['dtype']} (a sub-byte or scale-only format) is not "
+            "supported; lorakit reads F64, F32, F16, BF16, F8_E4M3, F8_E5M2 and integer tensors",
+            path=path, key=bad, hint="convert the file to float16 or bfloat16 first")
     dtypes = {k: _TORCH_DTYPES.get(e["dtype"]) for k, e in header.items()}
     if not all(dt is not None and (start + header[k]["data_offsets"][0]) % dt.itemsize == 0
                for k, dt in dtypes.items()):
-        return _read_with_safetensors(path), meta
+        return widen_fp8(_read_with_safetensors(path)), meta
     try:
         storage = torch.UntypedStorage.from_file(str(path), False, size)
     except (OSError, RuntimeError) as e:
@@ -218,7 +227,19 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     for key, e in header.items():
         lo, hi = e["data_offsets"]
         tensors[key] = base[start + lo:start + hi].view(dtypes[key]).view(e["shape"])
-    return tensors, meta
+    return widen_fp8(tensors), meta
+
+
+def widen_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float8 tensors (``F8_E4M3``, ``F8_E5M2``) as bfloat16, which holds every float8 value
+    exactly (torch has no CPU arithmetic on float8). Outputs are then written in bfloat16 unless
+    ``--dtype`` says otherwise.
+
+    Example:
+        >>> widen_fp8({"w": torch.ones(2, dtype=torch.float8_e4m3fn)})["w"].dtype
+        torch.bfloat16
+    """
+    return {k: t.to(torch.bfloat16) if t.dtype in _FP8 else t for k, t in tensors.items()}
 
 
 def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -249,7 +270,7 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CorruptFileError("not a state dict of named tensors", path=path)
-    return obj
+    return widen_fp8(obj)
 
 
 def _pickle_reason(e: Exception) -> str:
