@@ -383,7 +383,7 @@ def _report_problems(report: Path, force: bool, outputs: list[Path], inputs: lis
     try:
         check_report(report, force, outputs=outputs, inputs=inputs)
     except LorakitError as e:
-        problems.append(str(e))
+        problems.append(f"{e.path}: {e.problem}" + (f" ({e.hint})" if e.hint else ""))
     return problems
 
 

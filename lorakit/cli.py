@@ -125,15 +125,17 @@ def run_batch_cli(task: str, plan: Any, out: str, options: dict[str, Any],
     note_written(out)  # --push-to uploads the whole collection folder
 
 
-def check_single_report(report_file: str | None, force: bool, out: str) -> None:
+def check_single_report(report_file: str | None, force: bool, out: str, plan: Any) -> None:
     """Refuse a bad ``--report FILE`` of a one-adapter command before any work (the output
-    rules: not existing without --force, not a folder, its folder present, apart from -o)."""
+    rules: not an input, not existing without --force, not a folder, its folder present, apart
+    from -o)."""
     if report_file:
         from pathlib import Path
 
+        from lorakit.batch import batch_inputs
         from lorakit.outputs import check_report
 
-        check_report(report_file, force, outputs=[Path(out)])
+        check_report(report_file, force, outputs=[Path(out)], inputs=batch_inputs(plan))
 
 
 def _batch_kw(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +251,7 @@ def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | No
                              {"to": to, "component": component, "dtype": _dtype_name(dtype)},
                              _batch_kw(batch_kw), force=force, quiet=quiet, as_json=as_json,
                              report_file=report_file)
-    check_single_report(report_file, force, out)
+    check_single_report(report_file, force, out, plan)
     src = plan.sources[0].spec
     adapter = load(src)
     converted = convert(adapter, to, component=component)
@@ -353,7 +355,7 @@ def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
                                                    "dtype": _dtype_name(dtype)},
                              batch_kw, force=force, quiet=quiet, as_json=as_json,
                              report_file=report_file)
-    check_single_report(report_file, force, out)
+    check_single_report(report_file, force, out, plan)
     many = False
     results = []
     for src in (s.spec for s in plan.sources):
@@ -514,7 +516,7 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
                                                     "to": to, "dtype": _dtype_name(dtype)},
                              batch_kw, force=force, quiet=quiet, as_json=as_json,
                              report_file=report_file)
-    check_single_report(report_file, force, out)
+    check_single_report(report_file, force, out, plan)
     many = False
     results = []
     for src in (s.spec for s in plan.sources):
@@ -575,6 +577,28 @@ from lorakit.compose.cli import run_cmd  # noqa: E402
 cli.add_command(run_cmd)
 
 
+def _interrupt_on_sigterm() -> Any:
+    """SIGTERM (``kill``, a job scheduler's stop) unwinds like Ctrl-C in this process, so every
+    temporary is removed as on any failure; a forked worker just exits (its staging folder is
+    unlocked then, and the next run removes it). Only where the default handler is in place."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point with the one-line error contract."""
     from lorakit.io import guard_inputs
@@ -586,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
 
     global _ARGV
     _ARGV = list(argv) if argv is not None else None
+    restore = _interrupt_on_sigterm()
     try:
         with guard_inputs():  # an output may never replace a file the command read
             cli.main(args=argv, prog_name="lorakit", standalone_mode=False)
@@ -606,6 +631,9 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         click.echo(f"lorakit: error: {where}{e.strerror or e}", err=True)
         sys.exit(1)
+    finally:
+        if restore is not None:
+            restore()
 
 
 if __name__ == "__main__":  # pragma: no cover
