@@ -380,6 +380,42 @@ def test_mixed_sequences_never_lose_a_file(template, seq):
     run_sequence(template, seq)
 
 
+def _sweep_commands(target: str, report: str | None) -> list[Command]:
+    """The dangerous commands, all with --force, aimed at one target (and one report)."""
+    rep = ["--report", report] if report else []
+    single = [(["convert", "in/a", "--to", "peft"], ["in/a"]),
+              (["convert", "in/k.safetensors", "--to", "kohya"], ["in/k.safetensors"]),
+              (["convert", "in/b", "--to", "diffusers"], ["in/b"]),
+              (["resize", "in/d", "--rank", "2"], ["in/d"]),
+              (["merge", "in/a", "in/b", "--method", "linear"], ["in/a", "in/b"])]
+    batch = [(["convert", "coll", "--to", "peft"], ["coll"]),
+             (["resize", "jobs.txt", "--rank", "2", "--keep-going"], ["jobs.txt"]),
+             (["convert", "in/a", "in/k.safetensors", "--to", "kohya"], ["in/a", "in/k.safetensors"])]
+    out = []
+    for argv, srcs in single:
+        r = rep if argv[0] != "merge" else []
+        out.append(Command([*argv, "-o", target, "--force", "--quiet", *r], False,
+                           _expand_inputs(srcs), target, report if r else None))
+    for argv, srcs in batch:
+        to = argv[argv.index("--to") + 1] if "--to" in argv else None
+        out.append(Command([*argv, "-o", target, "--force", "--quiet", *rep], True,
+                           _expand_inputs(srcs), target, report, _job_names(srcs, to)))
+    return out
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_target_with_force(template, target):
+    """Every target of the property tests, each hit by every kind of command with --force (the
+    random sequences above may miss some combinations)."""
+    run_sequence(template, _sweep_commands(target, None))
+
+
+@pytest.mark.parametrize("report", [r for r in REPORTS if r] + ["user", "in/a"])
+def test_every_report_with_force(template, report):
+    run_sequence(template, _sweep_commands("out/x", report)[:1]
+                 + _sweep_commands("out/b", report)[5:7])
+
+
 def test_the_sequences_did_real_work():
     """Not vacuous: the runs above (same process, loadfile order) wrote and refused outputs."""
     if STATS["sequences"] == 0:
