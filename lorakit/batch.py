@@ -11,14 +11,17 @@ output), ``repo--subfolder`` for a Hub source.
   task). Every executor runs the same :func:`run_job`, so outputs are byte-identical whichever
   runs them (for kohya/diffusers files, whose safetensors metadata the writer orders by hash, the
   tensors and metadata are identical, not the header's key order).
+* Planned whole: :func:`plan_jobs` checks every job and the report before any runs (no output
+  may be, hold or lie inside any input of the batch; see README "Output safety").
 * Resumable: each finished job leaves a record ``OUT_DIR/.lorakit-batch/<output>.json`` with the
-  sha256 of the input's adapter files (config and weights) and of the job's options, and the names
-  and sizes of the output's files. A rerun skips a job whose output exists and whose record
-  matches all three; an output without a matching record is refused without ``--force`` (and
-  redone with it). Each output is written in a staging folder (``.lorakit-batch/staging``), its
-  record written, and then it is renamed into place, so a killed run leaves no partial output and
-  no output without its record. A run starts by clearing what a killed run left in staging (so
-  only one run may write to an output folder at a time).
+  sha256 of the input's adapter files (config and weights) and of the job's options, and the
+  size and modification time (ns) of each file the job wrote. A rerun skips a job whose output
+  exists and whose record matches all three; an output without a matching record, or changed
+  since, is refused without ``--force`` (and redone with it). Each output is written in a locked
+  staging folder (``.lorakit-batch/staging``), its record written, and then it is put in place
+  by :func:`lorakit.outputs.install` (an existing folder gets only the job's files), so a killed
+  run leaves no partial output and no output without its record. A run starts by removing what
+  killed runs left in staging (unlocked entries only: a concurrent run's survive), saying so.
 * Failures: without ``keep_going`` the run stops at the first failed job (queued jobs are not
   started; jobs already running finish) and leaves no partial file; with it, every job runs and
   the summary lists each one's status, time and error (``--report`` as JSON or CSV).
@@ -460,12 +463,12 @@ def _write_record(output: Path, record: dict[str, Any]) -> None:
 def clean_staging(out_dir: Path) -> list[Path]:
     """Remove what killed runs left in ``out_dir``'s staging folder (each entry is locked while
     its job runs, so a concurrent run's staging survives); say so for each."""
-    from lorakit.outputs import notice, remove_if_unlocked
+    from lorakit.outputs import is_temp_name, notice, remove_if_unlocked
 
     root = Path(out_dir) / RECORD_DIR / "staging"
     removed = []
     try:
-        names = sorted(os.listdir(root))
+        names = sorted(n for n in os.listdir(root) if is_temp_name(n))
     except OSError:
         return removed
     for name in names:
@@ -619,8 +622,7 @@ def _init_worker(threads: int) -> None:
 def _run_pool(jobs: list[Job], options: BatchOptions,
               take: Callable[[JobResult], None]) -> int:
     import multiprocessing
-    from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
+    from concurrent.futures import ProcessPoolExecutor
 
     workers = min(options.jobs or 1, len(jobs))
     threads = options.threads or max(1, (os.cpu_count() or 1) // workers)
@@ -640,22 +642,48 @@ def _run_pool(jobs: list[Job], options: BatchOptions,
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(threads,)) as pool:
         futures = {pool.submit(run_job, job, options.force, i): i for i, job in enumerate(jobs)}
-        stop = False
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                r = fut.result()
-            except CancelledError:
-                continue
-            except BrokenProcessPool as e:
-                r = JobResult(i, jobs[i].label, jobs[i].output, Status.FAILED,
-                              error=f"worker process died ({e})", error_type="BrokenProcessPool")
-            take(r)
-            if r.status is Status.FAILED and not options.keep_going and not stop:
-                stop = True
-                for f in futures:
-                    f.cancel()  # queued jobs never start; running ones finish (atomically)
+        try:
+            _collect(futures, jobs, options, take)
+        except KeyboardInterrupt:  # Ctrl-C: stop now; no partial output is ever in place
+            _stop_pool(pool)
+            raise
     return workers
+
+
+def _stop_pool(pool: Any) -> None:
+    """Cancel the queued jobs and end the workers, including those that already took a job
+    from the pool's queue (their staging folders, unlocked then, are removed by the next run)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=10)
+
+
+def _collect(futures: dict, jobs: list[Job], options: BatchOptions,
+             take: Callable[[JobResult], None]) -> None:
+    """Take each pool result as it arrives; stop queued jobs at the first failure."""
+    from concurrent.futures import CancelledError, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    stop = False
+    for fut in as_completed(futures):
+        i = futures[fut]
+        try:
+            r = fut.result()
+        except CancelledError:
+            continue
+        except BrokenProcessPool as e:
+            r = JobResult(i, jobs[i].label, jobs[i].output, Status.FAILED,
+                          error=f"worker process died ({e})", error_type="BrokenProcessPool")
+        take(r)
+        if r.status is Status.FAILED and not options.keep_going and not stop:
+            stop = True
+            for f in futures:
+                f.cancel()  # queued jobs never start; running ones finish (atomically)
 
 
 def _run_ray(jobs: list[Job], options: BatchOptions,

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shlex
@@ -41,7 +42,14 @@ def provenance(sources: list[str]) -> dict[str, Any]:
     from lorakit import __version__
 
     argv = ["lorakit", *(_ARGV if _ARGV is not None else sys.argv[1:])]
-    return {"tool": f"lorakit {__version__}", "command": shlex.join(argv), "sources": sources}
+    return {"tool": f"lorakit {__version__}", "command": printable(shlex.join(argv)),
+            "sources": [printable(s) for s in sources]}
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: bytes of a non-UTF-8 file name (which Python carries as lone
+    surrogates) become U+FFFD, so cards and metadata can record it."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def parse_dtype(name: str | None):
@@ -611,6 +619,9 @@ def main(argv: list[str] | None = None) -> None:
     global _ARGV
     _ARGV = list(argv) if argv is not None else None
     restore = _interrupt_on_sigterm()
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name never fails a print
+        with contextlib.suppress(Exception):  # not a TextIOWrapper (a test's capture)
+            stream.reconfigure(errors="backslashreplace")
     try:
         with guard_inputs():  # an output may never replace a file the command read
             cli.main(args=argv, prog_name="lorakit", standalone_mode=False)

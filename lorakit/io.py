@@ -219,7 +219,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
                for k, dt in dtypes.items()):
         return widen_fp8(_read_with_safetensors(path)), meta
     try:
-        storage = torch.UntypedStorage.from_file(str(path), False, size)
+        storage = _map(path, size)
     except (OSError, RuntimeError) as e:
         raise InputNotFoundError(f"cannot map the file ({e})", path=path) from e
     base = torch.empty(0, dtype=torch.uint8).set_(storage)  # (size,) the whole file
@@ -228,6 +228,21 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         lo, hi = e["data_offsets"]
         tensors[key] = base[start + lo:start + hi].view(dtypes[key]).view(e["shape"])
     return widen_fp8(tensors), meta
+
+
+def _map(path: Path, size: int) -> torch.UntypedStorage:
+    """The file mapped copy-on-write. torch takes the name as UTF-8 text: a name that is not
+    (bytes of another encoding) is mapped through its open descriptor's /proc entry instead."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", False, size)
+        finally:
+            os.close(fd)
+    return torch.UntypedStorage.from_file(name, False, size)
 
 
 def widen_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,9 @@ An output is a file or a folder. The rules (README, "Output safety"):
   and the folder keeps its mode and owner. A ``README.md`` that lorakit did not write (no
   lorakit card marker) is kept, and the new card is not written (a notice says so).
 * Changing the kind of an output (a file onto a folder or a folder onto a file) is refused even
-  with ``force``; so is replacing a read-only file (no owner write bit).
+  with ``force``; so is replacing a read-only file (no owner write bit) or a device, pipe or
+  socket (a report may be one: ``--report /dev/stdout`` is written as a stream). Names ending in
+  ``.lorakit.tmp`` are reserved for temporaries.
 * A symbolic link at a file output's path is replaced by the new file: the file it points to is
   never written. A folder output may be a link to a folder, which then receives the files.
 * Inside :func:`guard_inputs` (every CLI command) an output that is, holds or lies inside
@@ -204,6 +206,16 @@ def _is_dir(p: Path) -> bool:
     return p.is_dir()
 
 
+def is_stream(p: Path) -> bool:
+    """A device, pipe or socket (``/dev/null``, ``/dev/stdout``, a FIFO), links followed: never
+    something lorakit replaces."""
+    try:
+        mode = os.stat(p).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def _read_only(p: Path) -> bool:
     try:
         st = os.lstat(p)
@@ -217,6 +229,9 @@ def _name_of(out: Path) -> str:
     if not name:
         raise OutputWriteError("an output needs a name (the file-system root is not one)",
                                path=out)
+    if name.endswith(TEMP_SUFFIX):
+        raise OutputWriteError(f"names ending in {TEMP_SUFFIX} are lorakit's temporaries",
+                               path=out, hint="choose another name")
     return name
 
 
@@ -233,6 +248,10 @@ def check_output(out: str | Path, force: bool, *, is_dir: bool | None = None) ->
     check_not_input(out)
     if not _lexists(out):
         return
+    if is_stream(out):
+        raise OutputExistsError("output is a device, pipe or socket, not a file or folder; "
+                                "lorakit never replaces one", path=out,
+                                hint="write to a regular path")
     if is_dir is True and not _is_dir(out):
         raise OutputExistsError("output is a file, and this output is a folder; lorakit never "
                                 "replaces one kind by the other, --force or not", path=out,
@@ -266,6 +285,8 @@ def check_report(path: str | Path, force: bool, *, outputs: Iterable[Path] = (),
     if other is not None:
         raise OutputExistsError(f"the report would overlap the output {other}", path=path,
                                 hint="write the report elsewhere")
+    if is_stream(path):  # /dev/stdout, a FIFO: written as a stream (write_text_output)
+        return path
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputWriteError(f"the report's folder {parent} does not exist (lorakit does not "
@@ -292,6 +313,14 @@ def temp_affixes(out: Path) -> tuple[str, str]:
 def _temp_pattern(out: Path) -> re.Pattern[str]:
     prefix, suffix = temp_affixes(out)
     return re.compile(re.escape(prefix) + _RANDOM + re.escape(suffix) + r"\Z")
+
+
+_ANY_TEMP = re.compile(r"\..*\.[0-9a-f]{8}\." + _RANDOM + re.escape(TEMP_SUFFIX) + r"\Z", re.S)
+
+
+def is_temp_name(name: str) -> bool:
+    """A name :func:`new_temp` could have made (for some output)."""
+    return bool(_ANY_TEMP.match(name))
 
 
 def _lock(fd: int, block: bool) -> bool:
@@ -467,6 +496,9 @@ def _plan_entries(tmp: Path, out: Path, rel: str, plan: InstallPlan) -> None:
         if _lexists(old) and old.is_dir() and not old.is_symlink():
             raise OutputExistsError("the output holds a folder where lorakit writes a file",
                                     path=old, hint="remove it yourself or write elsewhere")
+        if is_stream(old):
+            raise OutputExistsError("the output holds a device, pipe or socket where lorakit "
+                                    "writes a file", path=old)
         if _read_only(old):
             raise OutputExistsError("output file is read-only; --force never replaces a "
                                     "write-protected file", path=old,
@@ -606,6 +638,9 @@ def atomic_output(out: str | Path, *, force: bool = False, is_dir: bool = False)
         elif isinstance(e, OSError):
             raise OutputWriteError(f"cannot write the output ({e.strerror or e})",
                                    path=out) from e
+        elif isinstance(e, UnicodeError):  # text that cannot be encoded (a card, metadata)
+            raise OutputWriteError(f"cannot write the output ({type(e).__name__}: {e})",
+                                   path=out) from e
         raise
     else:
         temp.discard()  # an emptied folder after a merge into an existing one
@@ -621,6 +656,14 @@ def write_text_output(path: str | Path, text: str, *, force: bool = False) -> Pa
         PosixPath('/tmp/doc-example.json')
     """
     path = Path(path)
+    if is_stream(path):  # --report /dev/stdout: a stream is written, never replaced
+        check_not_input(path, what="report")
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise OutputWriteError(f"cannot write ({e.strerror or e})", path=path) from e
+        return path
     with atomic_output(path, force=force) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
@@ -659,4 +702,4 @@ def repoint_error(e: LorakitError, tmp: Path, out: Path) -> None:
 __all__ = ["guard_inputs", "note_input", "check_output", "check_report", "check_not_input",
            "atomic_output", "install", "plan_install", "new_temp", "remove_stale",
            "write_text_output", "InputIndex", "InstallPlan", "Temp", "notice", "overlapping",
-           "remove_if_unlocked", "temp_home"]
+           "remove_if_unlocked", "temp_home", "is_temp_name", "is_stream"]

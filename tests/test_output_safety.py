@@ -594,3 +594,102 @@ def test_symlinks_at_outputs(tmp_path, capsys):
     assert code == 0, err  # the link is replaced; the file it pointed to is never written
     assert other.read_bytes() == b"user's file elsewhere"
     assert not (tmp_path / "to_other.safetensors").is_symlink()
+
+
+# ------------------------------------------------------------- beyond the issue's list
+
+
+def test_ctrl_c_mid_batch_stops_at_once_and_leaves_no_partial_output(tmp_path, capsys):
+    coll = tmp_path / "c"
+    for name in "abc":
+        write_peft(coll / name)
+    out = tmp_path / "o"
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW)
+    proc = subprocess.Popen([sys.executable, str(script), "convert", str(coll), "--to", "peft",
+                             "-o", str(out), "--jobs", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert "WRITING" in proc.stdout.readline()
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    assert proc.wait(timeout=60) == 130  # not after the queued jobs
+    assert "aborted" in proc.stdout.read()
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]  # nothing half-written
+    code, _, err = run_cli(capsys, "convert", coll, "--to", "peft", "-o", out, "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [".lorakit-batch", "a", "b", "c"]
+    assert not (out / ".lorakit-batch" / "staging").exists()
+
+
+def test_devices_pipes_and_reserved_names_are_never_outputs(tmp_path, capsys):
+    src = write_kohya(tmp_path / "in.safetensors")
+    fifo = tmp_path / "f.safetensors"
+    os.mkfifo(fifo)
+    link = tmp_path / "null.safetensors"
+    link.symlink_to("/dev/null")
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    os.mkfifo(folder / "adapter_config.json")
+    for out, to in ((fifo, "kohya"), (link, "kohya"), (folder, "peft")):
+        code, _, err = run_cli(capsys, "convert", src, "--to", to, "-o", out, "--force")
+        one_line_error(code, err, "device, pipe or socket")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.readlink(link) == "/dev/null"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json"]
+    code, _, err = run_cli(capsys, "convert", src, "--to", "kohya", "-o",
+                           tmp_path / ".x.12345678.abcdefgh.lorakit.tmp")
+    one_line_error(code, err, "temporaries")
+
+
+def test_report_to_a_stream(tmp_path, capsys):
+    """``--report`` on a pipe (as /dev/stdout on a terminal or in a shell pipe) is written as a
+    stream, without --force, and the pipe is not replaced."""
+    import threading
+
+    src = write_kohya(tmp_path / "in.safetensors")
+    fifo = tmp_path / "report.pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    code, _, err = run_cli(capsys, "convert", src, "--to", "kohya", "-o",
+                           tmp_path / "o.safetensors", "--report", fifo, "--quiet")
+    reader.join(timeout=30)
+    assert code == 0, err
+    assert json.loads(got[0])["format"] == "kohya" and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_non_utf8_names(tmp_path, capsys):
+    raw = os.fsencode(tmp_path) + b"/in\xfe"
+    src = Path(os.fsdecode(raw))
+    write_peft(src)
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/out\xff"))
+    for cmd in (["convert", src, "--to", "peft", "-o", out],
+                ["resize", src, "--rank", "2", "-o", str(out) + "r"],
+                ["convert", src, "--to", "kohya", "-o", str(out) + ".safetensors"]):
+        code, _, err = run_cli(capsys, *cmd)
+        assert code == 0, err
+    assert "\ufffd" in (out / "README.md").read_text()  # the card records the name, replaced
+    assert same_ranks(out, src)
+
+
+def test_hard_links_and_dotdot_do_not_hide_an_input(tmp_path, capsys):
+    src = write_kohya(tmp_path / "a" / "in.safetensors")
+    twin = tmp_path / "twin.safetensors"
+    os.link(src, twin)
+    before = hashes(tmp_path)
+    for out in (twin, tmp_path / "b" / ".." / "a" / "in.safetensors", tmp_path / "a" / ".."):
+        code, _, err = run_cli(capsys, "convert", src, "--to", "kohya", "-o", out, "--force")
+        one_line_error(code, err, "input")
+    assert hashes(tmp_path) == before
+
+
+def test_staging_sweep_removes_only_lorakits_own_entries(tmp_path, capsys):
+    coll = tmp_path / "c"
+    write_peft(coll / "a")
+    out = tmp_path / "o"
+    staging = out / ".lorakit-batch" / "staging"
+    staging.mkdir(parents=True)
+    (staging / "mine.txt").write_text("a user file in a reserved folder")
+    code, _, err = run_cli(capsys, "convert", coll / "a", coll / "a", "--to", "peft", "-o", out,
+                           "--quiet")
+    assert code == 0, err
+    assert (staging / "mine.txt").read_text() == "a user file in a reserved folder"
