@@ -9,7 +9,8 @@ An output is a file or a folder. The rules (README, "Output safety"):
   ``adapter_config.json``, the ``README.md`` card; a kohya or diffusers output named as a folder:
   its one weights file), plus the other spelling of the PEFT weights file
   (``adapter_model.bin`` when ``adapter_model.safetensors`` is written, and back), which would
-  otherwise disagree with the new one. Every other entry of an existing folder is left as it was,
+  otherwise disagree with the new one. A kohya or diffusers output named as a folder is refused
+  when the folder holds another adapter's files (it would read as the other one). Every other entry of an existing folder is left as it was,
   and the folder keeps its mode and owner. A ``README.md`` that lorakit did not write (no
   lorakit card marker) is kept, and the new card is not written (a notice says so).
 * Changing the kind of an output (a file onto a folder or a folder onto a file) is refused even
@@ -67,6 +68,7 @@ CARD_MARKER = "Written by [lorakit]"  # in every model card lorakit writes
 SUPERSEDES = {"adapter_model.safetensors": ("adapter_model.bin",),
               "adapter_model.bin": ("adapter_model.safetensors",)}
 _RANDOM = r"[a-z0-9_]{8}"  # tempfile's random part
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 # Paths read inside guard_inputs(): no output may be, hold or lie inside one.
 _INPUTS: contextvars.ContextVar[set[Path] | None] = contextvars.ContextVar("lorakit_inputs",
@@ -473,10 +475,36 @@ class InstallPlan:
 
 def plan_install(tmp: Path, out: Path) -> InstallPlan:
     """Check that the new folder ``tmp`` can be merged into the existing folder ``out`` (kinds
-    agree entry by entry, nothing read-only is replaced) and say what :func:`install` will do."""
+    agree entry by entry, nothing read-only is replaced, no second adapter in one folder) and
+    say what :func:`install` will do."""
+    _check_one_adapter(tmp, out)
     plan = InstallPlan()
     _plan_entries(tmp, out, "", plan)
     return plan
+
+
+def _adapter_entries(folder: Path) -> list[str]:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(n for n in names if not n.startswith(".") and (
+        n == "adapter_config.json" or n.endswith(WEIGHT_SUFFIXES)) and (folder / n).is_file())
+
+
+def _check_one_adapter(tmp: Path, out: Path) -> None:
+    """A kohya or diffusers output named as a folder (one weights file, no config) may not go
+    into a folder that already holds another adapter's files: the folder would then read as the
+    other adapter, or as neither (name the output file instead)."""
+    new = _adapter_entries(tmp)
+    if len(new) != 1 or new[0] == "adapter_config.json":
+        return
+    others = [n for n in _adapter_entries(out) if n != new[0]]
+    if others:
+        raise OutputExistsError(
+            f"the folder already holds adapter files ({', '.join(others[:3])}); writing "
+            f"{new[0]} beside them would leave two adapters in one folder", path=out,
+            hint=f"name the output file, e.g. {out / new[0]}")
 
 
 def _plan_entries(tmp: Path, out: Path, rel: str, plan: InstallPlan) -> None:

@@ -693,3 +693,19 @@ def test_staging_sweep_removes_only_lorakits_own_entries(tmp_path, capsys):
                            "--quiet")
     assert code == 0, err
     assert (staging / "mine.txt").read_text() == "a user file in a reserved folder"
+
+
+def test_a_weights_file_is_not_put_beside_another_adapter(tmp_path, capsys):
+    src = write_peft(tmp_path / "in")
+    peft_out = tmp_path / "p"
+    run_cli(capsys, "convert", src, "--to", "peft", "-o", peft_out)
+    before = hashes(peft_out)
+    for to in ("kohya", "diffusers"):  # DIR/lora.safetensors would hide behind the PEFT config
+        code, _, err = run_cli(capsys, "convert", src, "--to", to, "-o", peft_out, "--force")
+        one_line_error(code, err, "two adapters in one folder", "adapter_config.json")
+    assert hashes(peft_out) == before
+    k = tmp_path / "k"
+    assert run_cli(capsys, "convert", src, "--to", "kohya", "-o", k)[0] == 0
+    assert run_cli(capsys, "convert", src, "--to", "kohya", "-o", k, "--force")[0] == 0  # itself
+    code, _, err = run_cli(capsys, "convert", src, "--to", "diffusers", "-o", k, "--force")
+    one_line_error(code, err, "lora.safetensors")
