@@ -461,9 +461,12 @@ def extract_cmd(base: str, tuned: str, out: str, max_rank: int, non_lora: str, s
     from lorakit.api import save
     from lorakit.compress.extract import extract
     from lorakit.io import check_output
+    from lorakit.outputs import note_input
     from lorakit.report import dumps
 
-    check_output(Path(out), force)
+    note_input(base)  # the checkpoints are inputs: no output may be, hold or lie inside them
+    note_input(tuned)
+    check_output(Path(out), force, is_dir=True)
     policy = policy_from(policy_kw)
     adapter, report = extract(base, tuned, policy, max_rank=max_rank, non_lora=non_lora,
                               seed=seed, device=device, dtype=parse_dtype(dtype))

@@ -709,3 +709,24 @@ def test_a_weights_file_is_not_put_beside_another_adapter(tmp_path, capsys):
     assert run_cli(capsys, "convert", src, "--to", "kohya", "-o", k, "--force")[0] == 0  # itself
     code, _, err = run_cli(capsys, "convert", src, "--to", "diffusers", "-o", k, "--force")
     one_line_error(code, err, "lora.safetensors")
+
+
+def test_extract_output_may_not_lie_inside_a_checkpoint(tmp_path, capsys):
+    for name in ("base", "tuned"):
+        (tmp_path / name).mkdir()
+        save_file({"model.layers.0.q_proj.weight": rand(8, 6, seed=len(name))},
+                  str(tmp_path / name / "model.safetensors"))
+    before = hashes(tmp_path)
+    for out in (tmp_path / "base" / "lora", tmp_path / "tuned"):
+        code, _, err = run_cli(capsys, "extract", "--base", tmp_path / "base", "--tuned",
+                               tmp_path / "tuned", "-o", out, "--rank", "2", "--force")
+        one_line_error(code, err, "input")
+    assert hashes(tmp_path) == before
+
+
+def test_recipe_paths_with_nul_are_named(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('steps:\n  - load: a\n    source: "i\\0n"\n  - save: s\n    input: a\n'
+                      '    output: "o\\0x"\n')
+    code, _, err = run_cli(capsys, "run", recipe)
+    one_line_error(code, err, "NUL", "field 'source'", "field 'output'")

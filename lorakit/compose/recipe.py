@@ -178,6 +178,8 @@ def _str(v: Any) -> str:
         raise _Bad(f"must be a non-empty string, got {_show(v)}")
     if len(v) > MAX_STRING:
         raise _Bad(f"must be at most {MAX_STRING} characters, got {len(v):,} ({brief(v)})")
+    if "\0" in v:
+        raise _Bad(f"must not contain a NUL character, got {brief(v)}")
     return v
 
 
