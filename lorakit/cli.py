@@ -645,6 +645,15 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         click.echo(f"lorakit: error: {where}{e.strerror or e}", err=True)
         sys.exit(1)
+    except Exception as e:  # a bug: still one line (and the traceback with LORAKIT_DEBUG=1)
+        if os.environ.get("LORAKIT_DEBUG") == "1":
+            raise
+        from lorakit.errors import one_line
+
+        text = one_line(f"{type(e).__name__}: {e}")[:300]
+        click.echo(f"lorakit: error: internal error ({text}); run with LORAKIT_DEBUG=1 for the "
+                   "traceback and report it", err=True)
+        sys.exit(1)
     finally:
         if restore is not None:
             restore()

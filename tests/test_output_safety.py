@@ -730,3 +730,17 @@ def test_recipe_paths_with_nul_are_named(tmp_path, capsys):
                       '    output: "o\\0x"\n')
     code, _, err = run_cli(capsys, "run", recipe)
     one_line_error(code, err, "NUL", "field 'source'", "field 'output'")
+
+
+def test_an_unexpected_exception_is_still_one_line(tmp_path, capsys, monkeypatch):
+    src = write_kohya(tmp_path / "in.safetensors")
+
+    def boom(*a, **k):
+        raise RuntimeError("unexpected\nmulti-line")
+
+    monkeypatch.setattr("lorakit.inspect.inspect_adapter", boom)
+    code, _, err = run_cli(capsys, "inspect", src)
+    one_line_error(code, err, "internal error", "RuntimeError", "LORAKIT_DEBUG=1")
+    monkeypatch.setenv("LORAKIT_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["inspect", str(src)])

@@ -293,7 +293,7 @@ def check(root: Path, base: Path, cmd: Command, before: dict[str, str],
         bad.append(f"exit code {code}: {err!r}")
     if code == 1 and (len(lines) != 1 or not lines[0].startswith("lorakit: error:")):
         bad.append(f"not one error line: {err!r}")
-    if "Traceback" in err:
+    if "Traceback" in err or "internal error" in err:  # main's last-resort line is a bug too
         bad.append(f"traceback printed: {err[-300:]!r}")
     declared = _declared(root, cmd)
     mine = _own_inputs(root, cmd, before)
