@@ -12,7 +12,7 @@ An output is a file or a folder. The rules (README, "Output safety"):
   otherwise disagree with the new one. A kohya or diffusers output named as a folder is refused
   when the folder holds another adapter's files (it would read as the other one). Every other entry of an existing folder is left as it was,
   and the folder keeps its mode and owner. A ``README.md`` that lorakit did not write (no
-  lorakit card marker) is kept, and the new card is not written (a notice says so).
+  link to lorakit, no ``lorakit`` tag) is kept, and the new card is not written (a notice says so).
 * Changing the kind of an output (a file onto a folder or a folder onto a file) is refused even
   with ``force``; so is replacing a read-only file (no owner write bit) or a device, pipe or
   socket (a report may be one: ``--report /dev/stdout`` is written as a stream). Names ending in
@@ -63,7 +63,7 @@ except ImportError:  # pragma: no cover - Windows
 TEMP_SUFFIX = ".lorakit.tmp"
 SHORT_NAME_BYTES = 64  # of the output's name kept in a temporary's name (NAME_MAX is 255)
 CARD_NAME = "README.md"
-CARD_MARKER = "Written by [lorakit]"  # in every model card lorakit writes
+CARD_MARKER = "[lorakit](https://pypi.org/project/lorakit/)"  # in every card lorakit writes
 # the other spelling of a file that a folder output owns when it writes this one
 SUPERSEDES = {"adapter_model.safetensors": ("adapter_model.bin",),
               "adapter_model.bin": ("adapter_model.safetensors",)}
@@ -455,12 +455,20 @@ def _umask() -> int:
 
 
 def _is_lorakit_card(p: Path) -> bool:
+    """A model card lorakit wrote: its link to lorakit, or the ``lorakit`` tag in the front
+    matter (PEFT, transfer and zoo cards carry both)."""
     try:
         with open(p, "rb") as f:
             head = f.read(8192)
     except OSError:
         return False
-    return CARD_MARKER.encode() in head
+    if CARD_MARKER.encode() in head:
+        return True
+    text = head.decode("utf-8", "replace")  # or the "lorakit" tag in the card's front matter
+    if not text.startswith("---"):
+        return False
+    front = text[3:].split("\n---", 1)[0]
+    return any(line.strip() == "- lorakit" for line in front.splitlines())
 
 
 @dataclass

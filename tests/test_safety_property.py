@@ -51,7 +51,7 @@ pytestmark = pytest.mark.skipif(not real_adapters_available(), reason=REAL_ADAPT
 SETTINGS = dict(derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TIMEOUT_S = 120
-CARD_MARKER = "Written by [lorakit]"
+CARD_MARKER = "[lorakit](https://pypi.org/project/lorakit/)"
 # the names a folder output may hold that lorakit writes (lorakit.outputs)
 OWNED = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "README.md",
          "lora.safetensors", "pytorch_lora_weights.safetensors")
