@@ -327,7 +327,7 @@ def plan_jobs(task: str, plan: SourcePlan, out_dir: str | Path, options: dict[st
             problems.append(f"{', '.join(specs)} would all be written to {out_dir / name}")
     if report is not None:
         problems += _report_problems(Path(report), force, [Path(j.output) for j in jobs],
-                                     inputs, out_dir)
+                                     index, out_dir)
     if problems:
         raise OptionError("cannot plan the batch: " + "; ".join(problems),
                           hint="rename or move inputs, or run them in separate batches")
@@ -375,7 +375,7 @@ def _resolved(spec: str) -> Path:
         return Path(os.path.abspath(spec))
 
 
-def _report_problems(report: Path, force: bool, outputs: list[Path], inputs: list[Path],
+def _report_problems(report: Path, force: bool, outputs: list[Path], inputs: Any,
                      out_dir: Path) -> list[str]:
     from lorakit.outputs import check_report, overlapping
 

@@ -140,15 +140,25 @@ class InputIndex:
         self.folders: dict[object, Path] = {}
         for raw in inputs:
             p = _resolved(Path(raw))
-            for key in (str(p), _ident(p)):
+            text = str(p)
+            if text in self.exact:
+                continue
+            ident = _ident(p)
+            for key in (text, ident):
                 if key is not None:
                     self.exact.setdefault(key, p)
-                    if p.is_dir():
+                    if os.path.isdir(text):
                         self.folders.setdefault(key, p)
-            for parent in p.parents:
-                for key in (str(parent), _ident(parent)):
-                    if key is not None:
-                        self.ancestors.setdefault(key, p)
+            parent = os.path.dirname(text)
+            while parent not in self.ancestors:  # inputs share parents: each is added once
+                self.ancestors[parent] = p
+                pid = _ident(Path(parent))
+                if pid is not None:
+                    self.ancestors.setdefault(pid, p)
+                up = os.path.dirname(parent)
+                if up == parent:
+                    break
+                parent = up
 
     def conflict(self, out: Path) -> tuple[str, Path] | None:
         """``("is" | "holds" | "lies inside", input)`` for an output that would touch an input."""
@@ -160,35 +170,57 @@ class InputIndex:
         for key in keys:
             if key is not None and key in self.ancestors:
                 return "holds", self.ancestors[key]
-        for parent in r.parents:
-            for key in (str(parent), _ident(parent)):
+        if not self.folders:
+            return None
+        parent = os.path.dirname(str(r))
+        while True:
+            for key in (parent, _ident(Path(parent))):
                 if key is not None and key in self.folders:
                     return "lies inside", self.folders[key]
-        return None
+            up = os.path.dirname(parent)
+            if up == parent:
+                return None
+            parent = up
 
 
 def overlapping(path: Path, others: Iterable[Path]) -> Path | None:
     """The first of ``others`` that ``path`` is, holds or lies inside (existing or not: compared
-    resolved, and by identity where both exist), else None."""
-    r = _resolved(path)
-    rid = _ident(r)
+    resolved, and by identity where both exist), else None.
+
+    Example:
+        >>> overlapping(Path("/o/a/r.json"), [Path("/o/b"), Path("/o/a")])
+        PosixPath('/o/a')
+    """
+    r = str(_resolved(path))
+    rid = _ident(Path(r))
+    parents: dict[str, str] = {}  # resolved folder of each output's parent (usually one)
     for o in others:
-        ro = _resolved(Path(o))
-        if r == ro or ro in r.parents or r in ro.parents:
+        text = os.path.abspath(o)
+        if os.path.islink(text):
+            ro = str(_resolved(Path(text)))
+        else:
+            head, tail = os.path.split(text)
+            if head not in parents:
+                parents[head] = str(_resolved(Path(head)))
+            ro = os.path.join(parents[head], tail)
+        if r == ro or ro.startswith(r + os.sep) or r.startswith(ro + os.sep):
             return Path(o)
-        if rid is not None and rid == _ident(ro):
+        if rid is not None and os.path.lexists(ro) and rid == _ident(Path(ro)):
             return Path(o)
     return None
 
 
-def check_not_input(out: Path, inputs: Iterable[Path] | None = None, *,
+def check_not_input(out: Path, inputs: Iterable[Path] | InputIndex | None = None, *,
                     what: str = "output") -> None:
     """Refuse ``out`` when it is, holds or lies inside an input (``inputs``, or those noted
     inside :func:`guard_inputs`)."""
-    seen = _INPUTS.get() if inputs is None else set(inputs)
-    if not seen:
-        return
-    hit = InputIndex(sorted(seen)).conflict(out)
+    if isinstance(inputs, InputIndex):
+        hit = inputs.conflict(out)
+    else:
+        seen = _INPUTS.get() if inputs is None else set(inputs)
+        if not seen:
+            return
+        hit = InputIndex(sorted(seen)).conflict(out)
     if hit is not None:
         how, inp = hit
         target = "an input" if how == "is" else f"the input {inp}"
@@ -271,7 +303,7 @@ def check_output(out: str | Path, force: bool, *, is_dir: bool | None = None) ->
 
 
 def check_report(path: str | Path, force: bool, *, outputs: Iterable[Path] = (),
-                 inputs: Iterable[Path] | None = None) -> Path:
+                 inputs: Iterable[Path] | InputIndex | None = None) -> Path:
     """Refuse a ``--report FILE`` before any work: it follows the output rules (not an input,
     not existing without ``force``, never a folder), its folder must exist (it is not created),
     and it may not be, hold or lie inside one of the command's ``outputs``.
