@@ -178,6 +178,11 @@ class LoraModule:
                 path=path, key=key)
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
             raise NonFiniteError(f"alpha is {self.alpha!r}", path=path, key=key)
+        from lorakit.values import check_scale
+
+        why = check_scale(float(self.alpha), self.rank, self.rslora)
+        if why:
+            raise NonFiniteError(why, path=path, key=key)
         if finite:
             check_finite({key: self}, path)
 

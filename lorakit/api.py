@@ -26,8 +26,11 @@ def load(source: str | Path, format: Format | str | None = None, *, family: str 
     Example:
         >>> load("../shared/real_adapters/smollm135m_medai_5ep").ranks()   # doctest: +SKIP
     """
+    from lorakit.outputs import note_input
     from lorakit.sources import load_source
 
+    if not str(source).startswith("hf://"):
+        note_input(source)  # inside guard_inputs (the CLI), no output may touch it
     return load_source(str(source), format, family=family, ignore_unknown=ignore_unknown)
 
 

@@ -11,14 +11,17 @@ output), ``repo--subfolder`` for a Hub source.
   task). Every executor runs the same :func:`run_job`, so outputs are byte-identical whichever
   runs them (for kohya/diffusers files, whose safetensors metadata the writer orders by hash, the
   tensors and metadata are identical, not the header's key order).
+* Planned whole: :func:`plan_jobs` checks every job and the report before any runs (no output
+  may be, hold or lie inside any input of the batch; see README "Output safety").
 * Resumable: each finished job leaves a record ``OUT_DIR/.lorakit-batch/<output>.json`` with the
-  sha256 of the input's adapter files (config and weights) and of the job's options, and the names
-  and sizes of the output's files. A rerun skips a job whose output exists and whose record
-  matches all three; an output without a matching record is refused without ``--force`` (and
-  redone with it). Each output is written in a staging folder (``.lorakit-batch/staging``), its
-  record written, and then it is renamed into place, so a killed run leaves no partial output and
-  no output without its record. A run starts by clearing what a killed run left in staging (so
-  only one run may write to an output folder at a time).
+  sha256 of the input's adapter files (config and weights) and of the job's options, and the
+  size and modification time (ns) of each file the job wrote. A rerun skips a job whose output
+  exists and whose record matches all three; an output without a matching record, or changed
+  since, is refused without ``--force`` (and redone with it). Each output is written in a locked
+  staging folder (``.lorakit-batch/staging``), its record written, and then it is put in place
+  by :func:`lorakit.outputs.install` (an existing folder gets only the job's files), so a killed
+  run leaves no partial output and no output without its record. A run starts by removing what
+  killed runs left in staging (unlocked entries only: a concurrent run's survive), saying so.
 * Failures: without ``keep_going`` the run stops at the first failed job (queued jobs are not
   started; jobs already running finish) and leaves no partial file; with it, every job runs and
   the summary lists each one's status, time and error (``--report`` as JSON or CSV).
@@ -172,9 +175,14 @@ class BatchResult:
         return {"executor": self.executor, "workers": self.workers, "seconds": self.seconds,
                 "counts": self.counts(), "jobs": [r.to_dict() for r in self.results]}
 
-    def write_report(self, path: str | Path) -> Path:
-        """JSON (the whole result) or, for a ``.csv`` name, one row per job; written atomically."""
+    def write_report(self, path: str | Path, force: bool = False) -> Path:
+        """JSON (the whole result) or, for a ``.csv`` name, one row per job; written atomically
+        under the output rules (:func:`lorakit.outputs.write_text_output`: an existing file is
+        replaced only with ``force``, a folder never, and the parent folder is not created)."""
+        from lorakit.outputs import check_report, write_text_output
+
         path = Path(path)
+        check_report(path, force)
         if path.suffix.lower() == ".csv":
             buf = io.StringIO()
             cols = ["index", "source", "output", "status", "seconds", "cpu_seconds", "error",
@@ -187,8 +195,7 @@ class BatchResult:
             text = buf.getvalue()
         else:
             text = json.dumps(self.to_dict(), indent=2) + "\n"
-        _write_text_atomic(path, text)
-        return path
+        return write_text_output(path, text, force=force)
 
 
 # ------------------------------------------------------------------------------------ tasks
@@ -280,14 +287,21 @@ def job_command(task: str, label: str, options: dict[str, Any]) -> str:
 
 
 def plan_jobs(task: str, plan: SourcePlan, out_dir: str | Path, options: dict[str, Any],
-              provenance: dict[str, Any] | None = None) -> list[Job]:
-    """One :class:`Job` per source, writing under ``out_dir``; all problems are reported together
-    (unknown task, ``out_dir`` a file, two sources with one output name, an output that is an
-    input).
+              provenance: dict[str, Any] | None = None, *, report: str | Path | None = None,
+              force: bool = False) -> list[Job]:
+    """One :class:`Job` per source, writing under ``out_dir``, with the whole plan checked
+    before any job runs; all problems are reported together: an unknown task, ``out_dir`` a
+    file, two sources with one output name, a hidden or reserved output name, an output that
+    is, holds or lies inside any input of the batch (sources, the config beside a PEFT weights
+    file, manifests), an output that would change kind (file / folder), and a ``report`` that
+    breaks the output rules (:func:`lorakit.outputs.check_report`) or overlaps an output, an
+    input or the record folder.
 
     Example:
         >>> plan_jobs("resize", expand(["loras"]), "small", {"policy": {"rank": 4}})  # doctest: +SKIP
     """
+    from lorakit.outputs import InputIndex
+
     if task not in TASKS:
         raise OptionError(f"unknown batch task {task!r} (known: {', '.join(TASKS)})")
     out_dir = Path(out_dir)
@@ -298,24 +312,82 @@ def plan_jobs(task: str, plan: SourcePlan, out_dir: str | Path, options: dict[st
     by_name: dict[str, list[str]] = {}
     jobs = []
     base = dict(provenance or {})
+    inputs = batch_inputs(plan)
+    index = InputIndex(inputs)
     for src in plan.sources:
         name = output_name(src, options.get("to"))
         by_name.setdefault(name, []).append(src.spec)
         out = (out_dir / name).absolute()
         source = src.spec if is_hub(src.spec) else str(Path(src.spec).absolute())
-        if not is_hub(src.spec):
-            here = Path(source).resolve()
-            if out.resolve() == here or out.resolve() in here.parents:
-                problems.append(f"{src.spec}: its output {out} would replace it")
+        problems += _output_problems(src.spec, name, out, index, options.get("to"))
         prov = {**base, "command": job_command(task, src.spec, options), "sources": [src.spec]}
         jobs.append(Job(task, source, src.spec, str(out), options, prov))
     for name, specs in by_name.items():
         if len(specs) > 1:
             problems.append(f"{', '.join(specs)} would all be written to {out_dir / name}")
+    if report is not None:
+        problems += _report_problems(Path(report), force, [Path(j.output) for j in jobs],
+                                     index, out_dir)
     if problems:
         raise OptionError("cannot plan the batch: " + "; ".join(problems),
                           hint="rename or move inputs, or run them in separate batches")
     return jobs
+
+
+def batch_inputs(plan: SourcePlan) -> list[Path]:
+    """Every local path a batch reads: each source (file or folder), the files that make it up
+    (a PEFT weights file's config beside it) and the manifests that listed them."""
+    inputs: list[Path] = [Path(m) for m in plan.manifests]
+    for src in plan.sources:
+        if is_hub(src.spec):
+            continue
+        p = Path(src.spec)
+        inputs.append(p)
+        if p.exists():
+            with contextlib.suppress(OSError):
+                inputs += adapter_files(p)
+    return inputs
+
+
+def _output_problems(spec: str, name: str, out: Path, index: Any, to: str | None) -> list[str]:
+    problems = []
+    if name.startswith(".") or name in ("", RECORD_DIR):
+        problems.append(f"{spec}: its output name {name!r} is hidden or reserved (lorakit's "
+                        "records and temporaries start with a dot)")
+    hit = index.conflict(out)
+    if hit is not None:
+        how, inp = hit
+        what = {"is": "replace it" if Path(inp) == _resolved(spec) else f"replace the input {inp}",
+                "holds": f"hold the input {inp}", "lies inside": f"lie inside the input {inp}"}
+        problems.append(f"{spec}: its output {out} would {what[how]}; inputs are never modified")
+    file_out = name.endswith(".safetensors") and (to in FILE_FORMATS if to else True)
+    if os.path.lexists(out) and out.is_dir() == file_out:
+        kind, other = ("a folder", "a file") if file_out else ("a file", "a folder")
+        problems.append(f"{spec}: its output {out} is {kind} and would become {other}; lorakit "
+                        "never replaces one kind by the other, --force or not")
+    return problems
+
+
+def _resolved(spec: str) -> Path:
+    try:
+        return Path(spec).resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(spec))
+
+
+def _report_problems(report: Path, force: bool, outputs: list[Path], inputs: Any,
+                     out_dir: Path) -> list[str]:
+    from lorakit.outputs import check_report, overlapping
+
+    problems = []
+    records = (out_dir / RECORD_DIR).absolute()
+    if overlapping(report, [records]) is not None:
+        problems.append(f"the report {report} would lie in the record folder {records}")
+    try:
+        check_report(report, force, outputs=outputs, inputs=inputs)
+    except LorakitError as e:
+        problems.append(f"{e.path}: {e.problem}" + (f" ({e.hint})" if e.hint else ""))
+    return problems
 
 
 # ------------------------------------------------------------------------------------ one job
@@ -326,15 +398,42 @@ def record_path(output: Path) -> Path:
     return output.parent / RECORD_DIR / f"{output.name}.json"
 
 
-def output_files(output: Path) -> dict[str, int] | None:
-    """``{name: bytes}`` of an output's visible files (a file, or a folder's top level): a cheap
-    check that the output is still the one recorded (a hash would cost as much as the write)."""
-    if output.is_file():
-        return {output.name: output.stat().st_size}
-    if output.is_dir():
-        return {p.name: p.stat().st_size for p in sorted(output.iterdir())
-                if p.is_file() and not p.name.startswith(".")}
+def output_files(output: Path, names: list[str] | None = None) -> dict[str, list[int]] | None:
+    """``{name: [bytes, mtime_ns]}`` of an output's files (a file; a folder's top-level visible
+    files, or the ``names`` given, relative to it): what a record keeps to tell that the output
+    is still the one the batch wrote. ``None`` when the output (or one of ``names``) is missing.
+
+    Example:
+        >>> output_files(Path("/surely/missing")) is None
+        True
+    """
+    def entry(p: Path) -> list[int]:
+        st = p.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    try:
+        if output.is_file():
+            return {output.name: entry(output)}
+        if output.is_dir():
+            if names is None:
+                names = sorted(p.name for p in output.iterdir()
+                               if p.is_file() and not p.name.startswith("."))
+            return {n: entry(output / n) for n in names}
+    except OSError:
+        return None
     return None
+
+
+def _record_matches(rec: dict[str, Any], out: Path) -> bool:
+    """The recorded files of ``out`` are all there, with the recorded size and mtime (files a
+    user added beside them do not count)."""
+    want = rec.get("output_files")
+    if not isinstance(want, dict) or not want:
+        return False
+    if out.is_dir() != bool(rec.get("is_dir", out.is_dir())):
+        return False
+    names = None if out.is_file() else sorted(want)
+    return output_files(out, names) == want
 
 
 def _read_record(output: Path) -> dict[str, Any] | None:
@@ -345,61 +444,73 @@ def _read_record(output: Path) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    import tempfile
+def _write_record(output: Path, record: dict[str, Any]) -> None:
+    """Write a job's record atomically (a fresh temporary in the record folder, then renamed)."""
+    from lorakit.outputs import new_temp
 
+    path = record_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = new_temp(path, is_dir=False, parent=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        temp.path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n",
+                             encoding="utf-8")
+        os.chmod(temp.path, 0o644)
+        os.replace(temp.path, path)
+    finally:
+        temp.discard()
 
 
-def clean_staging(out_dir: Path) -> None:
-    """Remove what killed runs left in ``out_dir``'s staging folder."""
-    import shutil
+def clean_staging(out_dir: Path) -> list[Path]:
+    """Remove what killed runs left in ``out_dir``'s staging folder (each entry is locked while
+    its job runs, so a concurrent run's staging survives); say so for each."""
+    from lorakit.outputs import is_temp_name, notice, remove_if_unlocked
 
-    shutil.rmtree(Path(out_dir) / RECORD_DIR / "staging", ignore_errors=True)
+    root = Path(out_dir) / RECORD_DIR / "staging"
+    removed = []
+    try:
+        names = sorted(n for n in os.listdir(root) if is_temp_name(n))
+    except OSError:
+        return removed
+    for name in names:
+        if remove_if_unlocked(root / name):
+            removed.append(root / name)
+            notice(f"removed {root / name}, what an interrupted batch left in staging")
+    return removed
 
 
 @contextlib.contextmanager
 def _staging(output: Path):
-    """A private folder beside the outputs (under the record folder), removed afterwards."""
-    import shutil
-    import tempfile
+    """A private, locked folder beside the outputs (under the record folder), removed after."""
+    from lorakit.outputs import new_temp
 
     root = output.parent / RECORD_DIR / "staging"  # removed by run_batch when the run ends
     root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f"{output.name}.", dir=root))
+    temp = new_temp(output, is_dir=True, parent=root)
     try:
-        yield stage
+        yield temp.path
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        temp.discard()
 
 
-def _move_into_place(staged: Path, out: Path, replace: bool) -> None:
-    """Rename ``staged`` onto ``out`` (same file system); an old output is moved aside first."""
-    import shutil
+def _move_into_place(staged: Path, out: Path, replace: bool, plan: Any = None) -> None:
+    """Put ``staged`` in place as ``out`` under the output rules (:func:`lorakit.outputs.install`:
+    an existing folder gets only the job's files; nothing else in it is touched)."""
+    from lorakit.outputs import install
 
-    if out.exists() or out.is_symlink():
-        if not replace:
-            raise OutputExistsError("output appeared while writing", path=out,
-                                    hint="pass --force to overwrite")
-        old = staged.parent / f"{out.name}.old"
-        os.replace(out, old)
-        os.replace(staged, out)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-        return
-    os.replace(staged, out)
+    install(staged, out, force=replace, is_dir=staged.is_dir(), plan=plan)
+
+
+def _installed_names(staged: Path, out: Path) -> tuple[list[str] | None, Any]:
+    """The output's files this job puts in place (relative to a folder output) and the install
+    plan for an existing folder."""
+    from lorakit.outputs import plan_install
+
+    if not staged.is_dir():
+        return None, None
+    if out.is_dir():
+        plan = plan_install(staged, out)
+        return sorted(n for n in plan.put if (staged / n).is_file()), plan
+    return sorted(p.name for p in staged.iterdir() if p.is_file()), None
 
 
 def run_job(job: Job, force: bool = False, index: int = 0) -> JobResult:
@@ -421,17 +532,19 @@ def run_job(job: Job, force: bool = False, index: int = 0) -> JobResult:
         in_digest = digest(adapter_files(local)) if local.exists() else None
         opt_digest = job.options_digest
         replace = False
-        if out.exists():
+        if os.path.lexists(out):
             rec = _read_record(out)
             if (rec and in_digest and rec.get("input_sha256") == in_digest
-                    and rec.get("options_sha256") == opt_digest
-                    and rec.get("output_files") == output_files(out)):
+                    and rec.get("options_sha256") == opt_digest and _record_matches(rec, out)):
                 result.status = Status.SKIPPED
                 return result
             if not force:
-                raise OutputExistsError(
-                    "output exists but no batch record matches its input and options",
-                    path=out, hint="pass --force to redo it")
+                same_job = bool(rec and in_digest and rec.get("input_sha256") == in_digest
+                                and rec.get("options_sha256") == opt_digest)
+                what = ("was changed since the batch wrote it" if same_job else
+                        "exists but no batch record matches its input and options")
+                raise OutputExistsError(f"output {what}", path=out,
+                                        hint="pass --force to redo it")
             replace = True
         adapter = load_source(job.source, local=local)
         new, result.detail = TASKS[job.task](adapter, job.options)
@@ -441,13 +554,14 @@ def run_job(job: Job, force: bool = False, index: int = 0) -> JobResult:
             staged = stage / out.name
             save_adapter(new, staged, job.options.get("to"),
                          dtype=_dtype(job.options.get("dtype")), provenance=job.provenance)
+            names, plan = _installed_names(staged, out)
             record = {"source": job.label, "output": out.name, "task": job.task,
                       "input_sha256": in_digest, "options_sha256": opt_digest,
-                      "options": job.options, "output_files": output_files(staged),
+                      "options": job.options, "is_dir": staged.is_dir(),
+                      "output_files": output_files(staged, names),
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            _write_text_atomic(record_path(out),
-                               json.dumps(record, indent=2, sort_keys=True) + "\n")
-            _move_into_place(staged, out, replace)
+            _write_record(out, record)
+            _move_into_place(staged, out, replace, plan)
         result.status = Status.DONE
     except LorakitError as e:
         result.error, result.error_type = str(e), type(e).__name__
@@ -508,8 +622,7 @@ def _init_worker(threads: int) -> None:
 def _run_pool(jobs: list[Job], options: BatchOptions,
               take: Callable[[JobResult], None]) -> int:
     import multiprocessing
-    from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
+    from concurrent.futures import ProcessPoolExecutor
 
     workers = min(options.jobs or 1, len(jobs))
     threads = options.threads or max(1, (os.cpu_count() or 1) // workers)
@@ -529,22 +642,48 @@ def _run_pool(jobs: list[Job], options: BatchOptions,
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(threads,)) as pool:
         futures = {pool.submit(run_job, job, options.force, i): i for i, job in enumerate(jobs)}
-        stop = False
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                r = fut.result()
-            except CancelledError:
-                continue
-            except BrokenProcessPool as e:
-                r = JobResult(i, jobs[i].label, jobs[i].output, Status.FAILED,
-                              error=f"worker process died ({e})", error_type="BrokenProcessPool")
-            take(r)
-            if r.status is Status.FAILED and not options.keep_going and not stop:
-                stop = True
-                for f in futures:
-                    f.cancel()  # queued jobs never start; running ones finish (atomically)
+        try:
+            _collect(futures, jobs, options, take)
+        except KeyboardInterrupt:  # Ctrl-C: stop now; no partial output is ever in place
+            _stop_pool(pool)
+            raise
     return workers
+
+
+def _stop_pool(pool: Any) -> None:
+    """Cancel the queued jobs and end the workers, including those that already took a job
+    from the pool's queue (their staging folders, unlocked then, are removed by the next run)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=10)
+
+
+def _collect(futures: dict, jobs: list[Job], options: BatchOptions,
+             take: Callable[[JobResult], None]) -> None:
+    """Take each pool result as it arrives; stop queued jobs at the first failure."""
+    from concurrent.futures import CancelledError, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    stop = False
+    for fut in as_completed(futures):
+        i = futures[fut]
+        try:
+            r = fut.result()
+        except CancelledError:
+            continue
+        except BrokenProcessPool as e:
+            r = JobResult(i, jobs[i].label, jobs[i].output, Status.FAILED,
+                          error=f"worker process died ({e})", error_type="BrokenProcessPool")
+        take(r)
+        if r.status is Status.FAILED and not options.keep_going and not stop:
+            stop = True
+            for f in futures:
+                f.cancel()  # queued jobs never start; running ones finish (atomically)
 
 
 def _run_ray(jobs: list[Job], options: BatchOptions,
@@ -659,12 +798,13 @@ def run_command(task: str, plan: SourcePlan, out_dir: str | Path, options: dict[
 
     from rich.console import Console
 
-    jobs = plan_jobs(task, plan, out_dir, options, provenance)
+    jobs = plan_jobs(task, plan, out_dir, options, provenance, report=report,
+                     force=batch.force)
     show = not (quiet or as_json)
     with Progress(len(jobs), show and sys.stderr.isatty()) as bar:
         result = run_batch(jobs, batch, on_result=bar)
     if report:
-        result.write_report(report)
+        result.write_report(report, force=batch.force)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     elif show:

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shlex
@@ -41,7 +42,14 @@ def provenance(sources: list[str]) -> dict[str, Any]:
     from lorakit import __version__
 
     argv = ["lorakit", *(_ARGV if _ARGV is not None else sys.argv[1:])]
-    return {"tool": f"lorakit {__version__}", "command": shlex.join(argv), "sources": sources}
+    return {"tool": f"lorakit {__version__}", "command": printable(shlex.join(argv)),
+            "sources": [printable(s) for s in sources]}
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: bytes of a non-UTF-8 file name (which Python carries as lone
+    surrogates) become U+FFFD, so cards and metadata can record it."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def parse_dtype(name: str | None):
@@ -123,6 +131,19 @@ def run_batch_cli(task: str, plan: Any, out: str, options: dict[str, Any],
     run_command(task, plan, out, options, batch=batch, report=report_file, quiet=quiet,
                 as_json=as_json, provenance=provenance([]))
     note_written(out)  # --push-to uploads the whole collection folder
+
+
+def check_single_report(report_file: str | None, force: bool, out: str, plan: Any) -> None:
+    """Refuse a bad ``--report FILE`` of a one-adapter command before any work (the output
+    rules: not an input, not existing without --force, not a folder, its folder present, apart
+    from -o)."""
+    if report_file:
+        from pathlib import Path
+
+        from lorakit.batch import batch_inputs
+        from lorakit.outputs import check_report
+
+        check_report(report_file, force, outputs=[Path(out)], inputs=batch_inputs(plan))
 
 
 def _batch_kw(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -312,9 +333,8 @@ def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | No
     """Convert adapters between layouts (updates unchanged: fused <-> split exactly). A rank
     policy (--rank, --energy, ...) then shrinks the result through the engine (e.g. a
     block-diagonal fused qkv)."""
-    from pathlib import Path
-
     from lorakit.api import convert, load, save
+    from lorakit.outputs import write_text_output
     from lorakit.report import dumps
     from lorakit.sources import expand
 
@@ -327,6 +347,7 @@ def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | No
                              {"to": to, "component": component, "dtype": _dtype_name(dtype)},
                              _batch_kw(batch_kw), force=force, quiet=quiet, as_json=as_json,
                              report_file=report_file)
+    check_single_report(report_file, force, out, plan)
     src = plan.sources[0].spec
     adapter = load(src, family=family, ignore_unknown=ignore_unknown)
     if not quiet and not as_json:
@@ -341,7 +362,7 @@ def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | No
     result = {"source": src, "output": str(written), "format": to,
               "modules": len(converted.modules)}
     if report_file:
-        Path(report_file).write_text(dumps(result))
+        write_text_output(report_file, dumps(result), force=force)
     if as_json:
         click.echo(dumps(result))
     elif not quiet:
@@ -374,6 +395,7 @@ def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
     from lorakit.api import load, save
     from lorakit.compress.resize import resize
     from lorakit.lowrank import RankPolicy
+    from lorakit.outputs import write_text_output
     from lorakit.report import dumps, print_resize
     from lorakit.sources import expand
 
@@ -386,6 +408,7 @@ def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
                                                    "dtype": _dtype_name(dtype)},
                              batch_kw, force=force, quiet=quiet, as_json=as_json,
                              report_file=report_file)
+    check_single_report(report_file, force, out, plan)
     many = False
     results = []
     for src in (s.spec for s in plan.sources):
@@ -400,7 +423,7 @@ def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
         if not (quiet or as_json):
             print_resize(info, _console())
     if report_file:
-        Path(report_file).write_text(dumps(results if many else results[0]))
+        write_text_output(report_file, dumps(results if many else results[0]), force=force)
     if as_json:
         click.echo(dumps(results if many else results[0]))
 
@@ -483,9 +506,12 @@ def extract_cmd(base: str, tuned: str, out: str, max_rank: int, non_lora: str, s
     from lorakit.api import save
     from lorakit.compress.extract import extract
     from lorakit.io import check_output
+    from lorakit.outputs import note_input
     from lorakit.report import dumps
 
-    check_output(Path(out), force)
+    note_input(base)  # the checkpoints are inputs: no output may be, hold or lie inside them
+    note_input(tuned)
+    check_output(Path(out), force, is_dir=True)
     policy = policy_from(policy_kw)
     adapter, report = extract(base, tuned, policy, max_rank=max_rank, non_lora=non_lora,
                               seed=seed, device=device, dtype=parse_dtype(dtype))
@@ -529,6 +555,7 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
     from lorakit.api import load, save
     from lorakit.compress.squeeze import SqueezeOptions, squeeze_with
     from lorakit.lowrank import RankPolicy
+    from lorakit.outputs import write_text_output
     from lorakit.report import dumps, print_resize
     from lorakit.sources import expand
 
@@ -545,6 +572,7 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
                                                     "to": to, "dtype": _dtype_name(dtype)},
                              batch_kw, force=force, quiet=quiet, as_json=as_json,
                              report_file=report_file)
+    check_single_report(report_file, force, out, plan)
     many = False
     results = []
     for src in (s.spec for s in plan.sources):
@@ -559,7 +587,7 @@ def squeeze_cmd(sources: tuple[str, ...], out: str, to: str | None, method: str,
         if not (quiet or as_json):
             print_resize(info, _console(), action="squeeze")
     if report_file:
-        Path(report_file).write_text(dumps(results if many else results[0]))
+        write_text_output(report_file, dumps(results if many else results[0]), force=force)
     if as_json:
         click.echo(dumps(results if many else results[0]))
 
@@ -605,6 +633,28 @@ from lorakit.compose.cli import run_cmd  # noqa: E402
 cli.add_command(run_cmd)
 
 
+def _interrupt_on_sigterm() -> Any:
+    """SIGTERM (``kill``, a job scheduler's stop) unwinds like Ctrl-C in this process, so every
+    temporary is removed as on any failure; a forked worker just exits (its staging folder is
+    unlocked then, and the next run removes it). Only where the default handler is in place."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point with the one-line error contract."""
     from lorakit.io import guard_inputs
@@ -616,6 +666,10 @@ def main(argv: list[str] | None = None) -> None:
 
     global _ARGV
     _ARGV = list(argv) if argv is not None else None
+    restore = _interrupt_on_sigterm()
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name never fails a print
+        with contextlib.suppress(Exception):  # not a TextIOWrapper (a test's capture)
+            stream.reconfigure(errors="backslashreplace")
     try:
         with guard_inputs():  # an output may never replace a file the command read
             cli.main(args=argv, prog_name="lorakit", standalone_mode=False)
@@ -636,6 +690,18 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         click.echo(f"lorakit: error: {where}{e.strerror or e}", err=True)
         sys.exit(1)
+    except Exception as e:  # a bug: still one line (and the traceback with LORAKIT_DEBUG=1)
+        if os.environ.get("LORAKIT_DEBUG") == "1":
+            raise
+        from lorakit.errors import one_line
+
+        text = one_line(f"{type(e).__name__}: {e}")[:300]
+        click.echo(f"lorakit: error: internal error ({text}); run with LORAKIT_DEBUG=1 for the "
+                   "traceback and report it", err=True)
+        sys.exit(1)
+    finally:
+        if restore is not None:
+            restore()
 
 
 if __name__ == "__main__":  # pragma: no cover

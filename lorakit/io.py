@@ -4,8 +4,8 @@ Reading checks what would otherwise surface as an obscure exception: missing or 
 pointers, truncated or malformed safetensors headers, and pickles (read with ``weights_only=True``
 only). Writing goes to a temporary name beside the output and is renamed into place when complete,
 so a failed job never leaves a partial file (nor a temporary one, nor a folder it created), and an
-existing output is only replaced with ``force``. Inside :func:`guard_inputs` (every CLI command) an
-output that would replace a file the command read is refused even with ``force``.
+existing output is only replaced with ``force``: the rules live in :mod:`lorakit.outputs`
+(:func:`atomic_output`, :func:`check_output`, :func:`guard_inputs` are re-exported here).
 
 Example:
     >>> import tempfile, torch, pathlib
@@ -18,16 +18,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,10 +31,18 @@ from lorakit.errors import (
     CorruptFileError,
     InputNotFoundError,
     LfsPointerError,
-    LorakitError,
-    OutputExistsError,
     OutputWriteError,
+    UnsupportedVariantError,
     one_line,
+)
+from lorakit.outputs import (  # noqa: F401 - the output contract, importable from here too
+    atomic_output,
+    check_output,
+    guard_inputs,
+    make_parents,
+    note_input,
+    remove_dirs,
+    repoint_error,
 )
 
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
@@ -60,37 +63,10 @@ _TORCH_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _ST_NAMES = {dt: name for name, dt in _TORCH_DTYPES.items()}
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_UNSUPPORTED = ("F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64")  # refused by name
 _MAX_HEADER = 100 * 1024 * 1024
 _LFS_SIZE = re.compile(rb"^size (\d+)$", re.MULTILINE)
-# Files read inside guard_inputs(): an output that is one of them, or a folder holding one, is
-# refused even with --force (a command never modifies its inputs).
-_INPUTS: contextvars.ContextVar[set[Path] | None] = contextvars.ContextVar("lorakit_inputs",
-                                                                          default=None)
-
-
-@contextlib.contextmanager
-def guard_inputs() -> Iterator[set[Path]]:
-    """Within the block, remember every file read and refuse to write over any of them.
-
-    The CLI runs each command inside it, so ``lorakit convert a.safetensors -o a.safetensors
-    --force`` (or ``-o .`` on the folder holding the input) fails instead of replacing an input.
-
-    Example:
-        >>> with guard_inputs() as inputs:     # doctest: +SKIP
-        ...     lorakit.load("a.safetensors")
-    """
-    token = _INPUTS.set(set())
-    try:
-        yield _INPUTS.get()
-    finally:
-        _INPUTS.reset(token)
-
-
-def _note_input(path: Path) -> None:
-    seen = _INPUTS.get()
-    if seen is not None:
-        with contextlib.suppress(OSError):
-            seen.add(path.resolve())
 
 
 def check_file(path: Path) -> None:
@@ -108,7 +84,7 @@ def check_file(path: Path) -> None:
             head = f.read(1024)
     except OSError as e:
         raise InputNotFoundError(f"cannot read ({e.strerror or e})", path=path) from e
-    _note_input(path)
+    note_input(path)
     if head.startswith(LFS_MAGIC):
         m = _LFS_SIZE.search(head)
         real = f" for a {int(m.group(1)):,}-byte file" if m else ""
@@ -232,12 +208,18 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     header, meta, start = _parse_header(path)
     size = path.stat().st_size
     _check_tiling(path, header, size - start)
+    bad = next((k for k, e in header.items() if e["dtype"] in _UNSUPPORTED), None)
+    if bad is not None:
+        raise UnsupportedVariantError(
+            f"tensor dtype {header[bad]['dtype']} (a sub-byte or scale-only format) is not "
+            "supported; lorakit reads F64, F32, F16, BF16, F8_E4M3, F8_E5M2 and integer tensors",
+            path=path, key=bad, hint="convert the file to float16 or bfloat16 first")
     dtypes = {k: _TORCH_DTYPES.get(e["dtype"]) for k, e in header.items()}
     if not all(dt is not None and (start + header[k]["data_offsets"][0]) % dt.itemsize == 0
                for k, dt in dtypes.items()):
-        return _read_with_safetensors(path), meta
+        return widen_fp8(_read_with_safetensors(path)), meta
     try:
-        storage = torch.UntypedStorage.from_file(str(path), False, size)
+        storage = _map(path, size)
     except (OSError, RuntimeError) as e:
         raise InputNotFoundError(f"cannot map the file ({e})", path=path) from e
     base = torch.empty(0, dtype=torch.uint8).set_(storage)  # (size,) the whole file
@@ -245,7 +227,34 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     for key, e in header.items():
         lo, hi = e["data_offsets"]
         tensors[key] = base[start + lo:start + hi].view(dtypes[key]).view(e["shape"])
-    return tensors, meta
+    return widen_fp8(tensors), meta
+
+
+def _map(path: Path, size: int) -> torch.UntypedStorage:
+    """The file mapped copy-on-write. torch takes the name as UTF-8 text: a name that is not
+    (bytes of another encoding) is mapped through its open descriptor's /proc entry instead."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", False, size)
+        finally:
+            os.close(fd)
+    return torch.UntypedStorage.from_file(name, False, size)
+
+
+def widen_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float8 tensors (``F8_E4M3``, ``F8_E5M2``) as bfloat16, which holds every float8 value
+    exactly (torch has no CPU arithmetic on float8). Outputs are then written in bfloat16 unless
+    ``--dtype`` says otherwise.
+
+    Example:
+        >>> widen_fp8({"w": torch.ones(2, dtype=torch.float8_e4m3fn)})["w"].dtype
+        torch.bfloat16
+    """
+    return {k: t.to(torch.bfloat16) if t.dtype in _FP8 else t for k, t in tensors.items()}
 
 
 def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -276,7 +285,7 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CorruptFileError("not a state dict of named tensors", path=path)
-    return obj
+    return widen_fp8(obj)
 
 
 def _pickle_reason(e: Exception) -> str:
@@ -359,116 +368,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
                                path=path) from e
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse an existing output unless ``force``, and always one that would replace an input
-    read inside :func:`guard_inputs`."""
-    out = Path(out)
-    seen = _INPUTS.get()
-    if seen and out.exists():
-        target = out.resolve()
-        hit = next((p for p in sorted(seen) if p == target or target in p.parents), None)
-        if hit is not None:
-            what = "is" if hit == target else f"holds {hit}, which is"
-            raise OutputExistsError(
-                f"output {what} an input of this command; inputs are never modified", path=out,
-                hint="write to a new path")
-    if out.exists() and not force:
-        raise OutputExistsError("output already exists", path=out,
-                                hint="pass --force to overwrite")
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path, *, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; rename it onto ``out`` when the block succeeds.
-
-    On any exception the temporary file or folder (and any parent folder this call created) is
-    removed and ``out`` is untouched. An ``OSError`` (disk full, permissions) becomes
-    :class:`OutputWriteError` naming ``out``; a :class:`LorakitError` raised about a file inside
-    the temporary path is re-pointed at the matching path under ``out``.
-    """
-    out = Path(out)
-    check_output(out, force)
-    parent = out.parent if str(out.parent) else Path(".")
-    created: list[Path] = []
-    try:
-        created = make_parents(parent)
-        if is_dir:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-            os.close(fd)
-            tmp = Path(name)
-    except OSError as e:
-        remove_dirs(created)
-        raise OutputWriteError(f"cannot create the output ({e.strerror or e})", path=out) from e
-    try:
-        yield tmp
-        _replace(tmp, out, force)
-    except BaseException as e:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists() or tmp.is_symlink():
-            tmp.unlink()
-        remove_dirs(created)
-        if isinstance(e, LorakitError):
-            repoint_error(e, tmp, out)
-        elif isinstance(e, OSError):
-            raise OutputWriteError(f"cannot write the output ({e.strerror or e})",
-                                   path=out) from e
-        raise
-
-
-def make_parents(parent: Path) -> list[Path]:
-    """Create ``parent`` (and its missing ancestors); return the folders created, deepest first."""
-    missing = []
-    p = parent
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
-def remove_dirs(created: list[Path]) -> None:
-    """Remove folders :func:`make_parents` created, if they are still empty."""
-    for d in created:  # deepest first; stop at the first that is not empty
-        try:
-            d.rmdir()
-        except OSError:
-            break
-
-
-def repoint_error(e: LorakitError, tmp: Path, out: Path) -> None:
-    """Name the user's output instead of the temporary path in an error raised while writing."""
-    if e.path is None:
-        return
-    t = str(tmp)
-    if e.path == t or e.path.startswith(t + os.sep):
-        e.path = str(out) + e.path[len(t):]
-        e.args = (e.message,)
-
-
-def _replace(tmp: Path, out: Path, force: bool) -> None:
-    if out.exists():
-        if not force:
-            raise OutputExistsError("output appeared while writing", path=out,
-                                    hint="pass --force to overwrite")
-        if out.is_dir() and not tmp.is_dir():
-            shutil.rmtree(out)
-        elif out.is_dir():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-        elif tmp.is_dir():
-            out.unlink()
-    if tmp.is_dir():
-        tmp.chmod(0o755)
-        for f in tmp.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)
-    else:
-        tmp.chmod(0o644)
-    os.replace(tmp, out)
+__all__ = ["check_file", "read_safetensors_header", "read_safetensors", "read_pickle", "read_json",
+           "write_safetensors", "atomic_output", "check_output", "guard_inputs", "make_parents",
+           "remove_dirs", "repoint_error"]

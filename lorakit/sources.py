@@ -50,6 +50,7 @@ class SourcePlan:
 
     sources: list[Source]
     is_collection: bool  # several sources, or any glob / manifest / collection folder
+    manifests: tuple[Path, ...] = ()  # manifest files read (inputs too: never an output)
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -108,9 +109,10 @@ def expand(specs: list[str] | tuple[str, ...]) -> SourcePlan:
     """
     out: list[Source] = []
     problems: list[str] = []
+    manifests: list[Path] = []
     collection = len(specs) > 1
     for spec in specs:
-        found, many = _expand_one(spec, problems, depth=0)
+        found, many = _expand_one(spec, problems, depth=0, manifests=manifests)
         out += found
         collection = collection or many
     if problems:
@@ -123,10 +125,11 @@ def expand(specs: list[str] | tuple[str, ...]) -> SourcePlan:
         if key not in seen:
             seen.add(key)
             unique.append(s)
-    return SourcePlan(unique, collection)
+    return SourcePlan(unique, collection, tuple(dict.fromkeys(manifests)))
 
 
-def _expand_one(spec: str, problems: list[str], depth: int) -> tuple[list[Source], bool]:
+def _expand_one(spec: str, problems: list[str], depth: int,
+                manifests: list[Path] | None = None) -> tuple[list[Source], bool]:
     if is_hub(spec):
         try:
             hub = parse(spec)
@@ -137,7 +140,9 @@ def _expand_one(spec: str, problems: list[str], depth: int) -> tuple[list[Source
     manifest = spec[1:] if spec.startswith("@") else None
     path = Path(manifest or spec)
     if manifest is not None or (path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES):
-        return _read_manifest(path, problems, depth), True
+        if manifests is not None:
+            manifests.append(path)
+        return _read_manifest(path, problems, depth, manifests), True
     if not path.exists() and _GLOB_CHARS & set(spec):
         matches = sorted(glob.glob(spec, recursive=True))
         if not matches:
@@ -165,7 +170,8 @@ def _expand_path(path: Path, problems: list[str]) -> list[Source]:
     return [source_for(m) for m in members]
 
 
-def _read_manifest(path: Path, problems: list[str], depth: int) -> list[Source]:
+def _read_manifest(path: Path, problems: list[str], depth: int,
+                   manifests: list[Path] | None = None) -> list[Source]:
     if depth > 4:
         problems.append(f"{path}: manifests nested too deeply")
         return []
@@ -182,7 +188,7 @@ def _read_manifest(path: Path, problems: list[str], depth: int) -> list[Source]:
         if not is_hub(entry) and not Path(entry).is_absolute():
             entry = str(path.parent / entry)
         sub: list[str] = []
-        items, _ = _expand_one(entry, sub, depth + 1)
+        items, _ = _expand_one(entry, sub, depth + 1, manifests)
         found += items
         problems += [f"{path}:{n}: {p}" for p in sub]
     if not found and not problems:

@@ -414,17 +414,17 @@ def test_kohya_down_without_up(tmp_path):
     assert_names(load_error(p, ConfigMismatchError), p, "lora_up", "missing", key=KOHYA_KEY)
 
 
-@pytest.mark.parametrize("field,value,problem", [
-    ("r", "4", "r must be an integer"),
-    ("r", [4], "r must be an integer"),
-    ("lora_alpha", "8", "lora_alpha must be a number"),
-    ("rank_pattern", ["q_proj"], "rank_pattern must map module patterns"),
-    ("use_dora", True, "no magnitude vector"),
+@pytest.mark.parametrize("field,value,problem,key", [  # config fields are typed where they enter
+    ("r", "4", "must be an integer >= 1", "r"),
+    ("r", [4], "must be an integer >= 1", "r"),
+    ("lora_alpha", "8", "must be a finite number", "lora_alpha"),
+    ("rank_pattern", ["q_proj"], "must be a mapping of patterns to ranks", "rank_pattern"),
+    ("use_dora", True, "no magnitude vector", PEFT_MOD),
 ])
-def test_config_values_of_the_wrong_kind(tmp_path, field, value, problem):
+def test_config_values_of_the_wrong_kind(tmp_path, field, value, problem, key):
     folder = write_peft(tmp_path / "a", {field: value})
     err = load_error(folder, ConfigMismatchError)
-    assert_names(err, folder / "adapter_config.json", problem, key=PEFT_MOD)
+    assert_names(err, folder / "adapter_config.json", problem, key=key)
 
 
 # ------------------------------------------------------------------------ shapes and values
@@ -652,7 +652,8 @@ def test_existing_output_needs_force(tmp_path, capsys, to, name):
     assert code == 0, err
     again = lorakit.load(out)
     assert again.modules[next(iter(again.modules))].rank == 4
-    assert not (out / "keep.txt").exists()
+    if not out.suffix:  # --force replaces lorakit's files only: the user's file stays
+        assert (out / "keep.txt").read_text() == "precious"
 
 
 def _partial_writer(exc: BaseException):

@@ -87,6 +87,7 @@ from typing import Any
 import yaml
 
 from lorakit.errors import LorakitError, RecipeError
+from lorakit.values import MAX_FACTOR, brief, check_options, is_number
 
 
 class StepKind(str, enum.Enum):
@@ -116,6 +117,9 @@ PRODUCES = {k: Produces.ADAPTER for k in StepKind}
 PRODUCES[StepKind.SAVE] = Produces.SAVED
 PRODUCES[StepKind.PUSH] = Produces.NOTHING
 
+MAX_NODES = 100_000  # YAML nodes of a recipe with its aliases expanded (billion laughs)
+MAX_RECIPE_CHARS = 1 << 20  # characters of a recipe file
+MAX_STRING = 4096  # characters of one string field (paths, names)
 POLICY_FIELDS = ("rank", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "threshold", "budget",
                  "conv_rank")
 FORMATS = ("peft", "diffusers", "kohya")
@@ -149,12 +153,12 @@ class Problem:
         if self.index is not None:
             label = f"step {self.index}"
             if self.step:
-                label += f" {self.step!r}"
+                label += f" {brief(self.step)}"
             if self.kind:
                 label += f" ({self.kind})"
             where.append(label)
         if self.field:
-            where.append(f"field {self.field!r}")
+            where.append(f"field {brief(self.field)}")
         return (", ".join(where) + ": " if where else "") + self.message
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +176,10 @@ class _Bad(Exception):
 def _str(v: Any) -> str:
     if not isinstance(v, str) or not v.strip():
         raise _Bad(f"must be a non-empty string, got {_show(v)}")
+    if len(v) > MAX_STRING:
+        raise _Bad(f"must be at most {MAX_STRING} characters, got {len(v):,} ({brief(v)})")
+    if "\0" in v:
+        raise _Bad(f"must not contain a NUL character, got {brief(v)}")
     return v
 
 
@@ -190,8 +198,15 @@ def _int(low: int) -> Callable[[Any], int]:
 
 
 def _number(v: Any) -> float | int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _Bad(f"must be a number, got {_show(v)}")
+    if not is_number(v):
+        raise _Bad(f"must be a finite number, got {_show(v)}")
+    return v
+
+
+def _factor(v: Any) -> float | int:
+    """A weight: finite, with ``|v| <= MAX_FACTOR`` (as the CLI's --weights)."""
+    if not is_number(v) or abs(v) > MAX_FACTOR:
+        raise _Bad(f"must be a finite number with |value| <= {MAX_FACTOR:g}, got {_show(v)}")
     return v
 
 
@@ -220,12 +235,12 @@ def _names(v: Any) -> list[str]:
 def _weights(v: Any) -> list[float]:
     if isinstance(v, str):
         try:
-            return [float(w) for w in v.split(",") if w.strip()]
+            v = [float(w) for w in v.split(",") if w.strip()]
         except ValueError:
-            raise _Bad(f"{v!r} is not a comma-separated list of numbers") from None
-    if not isinstance(v, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
-                                          for w in v):
-        raise _Bad(f"must be a list of numbers, got {_show(v)}")
+            raise _Bad(f"{brief(v)} is not a comma-separated list of numbers") from None
+    if not isinstance(v, list) or not all(is_number(w) and abs(w) <= MAX_FACTOR for w in v):
+        raise _Bad(f"must be a list of finite numbers with |value| <= {MAX_FACTOR:g}, got "
+                   f"{_show(v)}")
     return [float(w) for w in v]
 
 
@@ -247,7 +262,7 @@ def _regex(v: Any) -> str:
     try:
         re.compile(v)
     except re.error as e:
-        raise _Bad(f"{v!r} is not a regular expression ({e})") from None
+        raise _Bad(f"{brief(v)} is not a regular expression ({e})") from None
     return v
 
 
@@ -258,8 +273,8 @@ def _mapping(v: Any) -> dict[str, Any]:
 
 
 def _show(v: Any) -> str:
-    text = repr(v)
-    return f"{type(v).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+    """The type and a short repr (never the whole value: aliases can make it huge)."""
+    return f"{type(v).__name__} {brief(v)}"
 
 
 _POLICY = {"rank": _int(1), "energy": _number, "sv_ratio": _number, "sv_fro": _number,
@@ -269,7 +284,7 @@ _DEVICE = _choice(DEVICES)
 
 # one entry of a compose step: the units of one input, then lorakit.compose.units.select
 UNIT_FIELDS: dict[str, Callable[[Any], Any]] = {
-    "input": _str, "weight": _number, "top": _int(1), "energy": _fraction,
+    "input": _str, "weight": _factor, "top": _int(1), "energy": _fraction,
     "min_norm": _number, "min_share": _fraction, "module_regex": _regex}
 
 SCHEMA: dict[StepKind, dict[str, Callable[[Any], Any]]] = {
@@ -385,7 +400,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
         key = loader.construct_object(key_node, deep=True)
         if isinstance(key, (str, int, float, bool)) and key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                None, None, f"duplicate key {brief(key)} (first on line {seen[key] + 1})",
                 key_node.start_mark)
         if isinstance(key, (str, int, float, bool)):
             seen[key] = key_node.start_mark.line
@@ -393,6 +408,84 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _TooBig(Exception):
+    """A YAML value past :data:`MAX_NODES` once its aliases are expanded (or one that refers
+    to itself); ``where`` is its key path (``steps[2].weights``)."""
+
+    def __init__(self, message: str, where: str | None) -> None:
+        super().__init__(message)
+        self.where = where
+
+
+def _expanded_sizes(root: yaml.Node) -> dict[int, int]:
+    """Nodes per YAML node with every alias expanded, counted once per distinct node (aliases
+    share nodes, so this is linear in the text however large the expansion)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            line = node.start_mark.line + 1 if node.start_mark else "?"
+            raise _TooBig(f"the value starting on line {line} refers to itself through an "
+                          "alias", None)
+        active.add(key)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(size(c) for c in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(size(k) + size(v) for k, v in node.value)
+        active.discard(key)
+        sizes[key] = n
+        return n
+
+    size(root)
+    return sizes
+
+
+def _children(node: yaml.Node) -> list[tuple[str, yaml.Node]]:
+    if isinstance(node, yaml.SequenceNode):
+        return [(f"[{i}]", c) for i, c in enumerate(node.value)]
+    if isinstance(node, yaml.MappingNode):
+        out = []
+        for k, v in node.value:
+            name = k.value if isinstance(k, yaml.ScalarNode) else "<key>"
+            out += [(f".{name if len(name) <= 40 else name[:40] + '...'}", v), ("<key>", k)]
+        return out
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose expanded size passes :data:`MAX_NODES`, naming the deepest key
+    whose value alone passes it."""
+    sizes = _expanded_sizes(root)
+    if sizes[id(root)] <= MAX_NODES:
+        return
+    where, node = "", root
+    while True:
+        big = next(((n, c) for n, c in _children(node) if sizes[id(c)] > MAX_NODES), None)
+        if big is None:
+            break
+        where, node = where + big[0], big[1]
+    raise _TooBig(f"expands to {sizes[id(node)]:,} YAML nodes through aliases (*name), past "
+                  f"the limit of {MAX_NODES:,}", where.lstrip(".") or None)
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.load`` with :class:`_Loader`, refusing alias bombs before anything is built."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_recipe(path: str | Path, *, force: bool = False) -> Recipe:
@@ -432,13 +525,21 @@ def parse_recipe(text: str, *, base_dir: str | Path = ".", path: str | Path | No
         [('load', 'a'), ('save', 'out')]
     """
     where = Path(path) if path is not None else None
+    if len(text) > MAX_RECIPE_CHARS:
+        raise RecipeError([Problem(f"the recipe has {len(text):,} characters, past the limit "
+                                   f"of {MAX_RECIPE_CHARS:,}")], path=where)
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        data = _load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         what = getattr(e, "problem", None) or str(e)
-        raise RecipeError([Problem(f"not valid YAML: {line}{what}")], path=where) from None
+        raise RecipeError([Problem(f"not valid YAML: {line}{str(what)[:200]}")],
+                          path=where) from None
+    except _TooBig as e:
+        raise RecipeError([Problem(str(e), field=e.where)], path=where) from None
+    except RecursionError:
+        raise RecipeError([Problem("not valid YAML: nested too deeply")], path=where) from None
     recipe = Recipe(text=text, base_dir=Path(base_dir), path=where)
     problems = _validate(recipe, data, force)
     if problems:
@@ -455,7 +556,7 @@ def _validate(recipe: Recipe, data: Any, force: bool) -> list[Problem]:
     problems: list[Problem] = []
     for key in data:
         if key not in TOP_LEVEL:
-            problems.append(Problem(f"unknown top-level key {key!r} (known: "
+            problems.append(Problem(f"unknown top-level key {brief(key)} (known: "
                                     f"{', '.join(TOP_LEVEL)})", field=str(key)))
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
@@ -479,7 +580,7 @@ def _validate(recipe: Recipe, data: Any, force: bool) -> list[Problem]:
         if step is None:
             continue
         if step.name in produced:
-            problems.append(Problem(f"the name {step.name!r} is already used by step "
+            problems.append(Problem(f"the name {brief(step.name)} is already used by step "
                                     f"{produced[step.name].index}", step.name, i,
                                     step.kind.value))
             continue
@@ -499,7 +600,7 @@ def _step(item: Any, i: int, problems: list[Problem]) -> Step | None:
     try:
         kind = StepKind(kind_key)
     except ValueError:
-        problems.append(Problem(f"unknown step kind {kind_key!r} (the first key of a step is "
+        problems.append(Problem(f"unknown step kind {brief(kind_key)} (the first key of a step is "
                                 f"its kind: {', '.join(k.value for k in StepKind)})",
                                 index=i, field=str(kind_key)))
         return None
@@ -512,7 +613,7 @@ def _step(item: Any, i: int, problems: list[Problem]) -> Step | None:
     schema = SCHEMA[kind]
     for key, value in list(item.items())[1:]:
         if key in StepKind._value2member_map_:
-            problems.append(Problem(f"a step has one kind; {key!r} is a second one (start a new "
+            problems.append(Problem(f"a step has one kind; {brief(key)} is a second one (start a new "
                                     f"step with '- {key}: NAME')", name, i, kind.value, str(key)))
         elif key not in schema:
             problems.append(Problem(f"unknown field (known: {', '.join(schema)})", name, i,
@@ -558,7 +659,7 @@ def _check_step(recipe: Recipe, step: Step, produced: dict[str, Step], all_names
             problems.append(_problem(step, "output", f"{out} already exists (set force: true "
                                      "on the step or run with --force)"))
     if kind is StepKind.PUSH and "repo" in step.args and not _REPO.match(step.args["repo"]):
-        problems.append(_problem(step, "repo", f"{step.args['repo']!r} is not an Hub repo id "
+        problems.append(_problem(step, "repo", f"{brief(step.args['repo'])} is not an Hub repo id "
                                  "'org/name'"))
     if kind in (StepKind.PULL, StepKind.PUSH) and not _hub_available():
         problems.append(_problem(step, None, "needs lorakit.hub, which this installation lacks"))
@@ -575,16 +676,16 @@ def _check_refs(step: Step, produced: dict[str, Step], all_names: dict[str, int]
                         Produces.NOTHING: "nothing"}[got]
                 need = "a save step" if want is Produces.SAVED else "an adapter (load, pull, " \
                     "merge, resize, squeeze, convert or extract)"
-                problems.append(_problem(step, key, f"{ref!r} is a {produced[ref].kind.value} "
+                problems.append(_problem(step, key, f"{brief(ref)} is a {produced[ref].kind.value} "
                                          f"step ({what}); {step.kind.value} needs {need}"))
         elif ref == step.name:
-            problems.append(_problem(step, key, f"{ref!r} is this step itself"))
+            problems.append(_problem(step, key, f"{brief(ref)} is this step itself"))
         elif ref in all_names:
-            problems.append(_problem(step, key, f"{ref!r} is defined later (step "
+            problems.append(_problem(step, key, f"{brief(ref)} is defined later (step "
                                      f"{all_names[ref]}); a step can only use earlier outputs"))
         else:
             known = ", ".join(produced) or "none yet"
-            problems.append(_problem(step, key, f"no step named {ref!r} (earlier steps: "
+            problems.append(_problem(step, key, f"no step named {brief(ref)} (earlier steps: "
                                      f"{known})"))
 
 
@@ -607,12 +708,12 @@ def _check_source(recipe: Recipe, step: Step, problems: list[Problem]) -> None:
     src = step.args["source"]
     if is_hub(src):
         if not _HF.match(src):
-            problems.append(_problem(step, "source", f"{src!r} is not hf://org/repo"
+            problems.append(_problem(step, "source", f"{brief(src)} is not hf://org/repo"
                                      "[@revision][/subfolder]"))
         return
     if step.kind is StepKind.PULL:
         problems.append(_problem(step, "source", f"pull takes an hf://org/repo source, got "
-                                 f"{src!r} (use load for local files)"))
+                                 f"{brief(src)} (use load for local files)"))
         return
     p = _local(recipe, src)
     step.path = p
@@ -678,18 +779,19 @@ def _check_merge(step: Step, problems: list[Problem]) -> None:
         return
     spec = METHODS.get(method)
     if spec is None:
-        problems.append(_problem(step, "method", f"unknown merge method {method!r} (known: "
+        problems.append(_problem(step, "method", f"unknown merge method {brief(method)} (known: "
                                  f"{', '.join(sorted(METHODS))})"))
         return
     values = {k.replace("-", "_"): v for k, v in step.args.get("options", {}).items()}
     known = {f.name for f in fields(spec.options)}
     bad = [k for k in values if k not in known]
     for k in bad:
-        problems.append(_problem(step, f"options.{k}", f"method {method} has no option {k!r} "
+        problems.append(_problem(step, f"options.{k}", f"method {method} has no option {brief(k)} "
                                  f"(options: {', '.join(sorted(known)) or 'none'})"))
     if bad:
         return
     try:
+        check_options(spec.options, values)  # types, finite, in range (as the CLI's --option)
         step.options = spec.options(**values)
     except LorakitError as e:
         problems.append(_problem(step, f"options.{e.key}" if e.key else "options", e.problem))
@@ -728,13 +830,13 @@ def _check_outputs(recipe: Recipe, problems: list[Problem]) -> None:
         out = s.path.resolve()
         if out in seen:
             problems.append(_problem(s, "output", f"{s.path} is also written by step "
-                                     f"{seen[out].index} {seen[out].name!r}"))
+                                     f"{seen[out].index} {brief(seen[out].name)}"))
         seen[out] = s
         for src, reader in inputs.items():
             if src == out or out in src.parents or (src.is_dir() and src in out.parents):
                 how = "write into" if src in out.parents else "replace"
                 problems.append(_problem(s, "output", f"{s.path} would {how} the input of step "
-                                         f"{reader.index} {reader.name!r}; inputs are never "
+                                         f"{reader.index} {brief(reader.name)}; inputs are never "
                                          "modified"))
 
 

@@ -37,8 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,10 +111,14 @@ def provenance(recipe: Recipe, step: Step, sources: tuple[str, ...],
 class _Staged:
     step: Step
     out: Path  # the final output path
-    stage: Path  # the staging folder beside it
-    written: Path  # what save_adapter wrote, inside ``stage``
+    temp: Any  # the locked staging folder (lorakit.outputs.Temp) beside or inside it
+    written: Path  # what save_adapter wrote, inside the staging folder
     force: bool
     created: list[Path]  # parent folders this run created (deepest first)
+
+    @property
+    def stage(self) -> Path:
+        return self.temp.path
 
     @property
     def final(self) -> Path:
@@ -125,7 +127,8 @@ class _Staged:
 
 
 class _Outputs:
-    """Save steps write here; :meth:`commit` moves everything into place at the end."""
+    """Save steps write here; :meth:`commit` moves everything into place at the end, under the
+    output rules of :mod:`lorakit.outputs` (all checked before the first is put in place)."""
 
     def __init__(self) -> None:
         self.items: list[_Staged] = []
@@ -133,7 +136,7 @@ class _Outputs:
     def write(self, step: Step, adapter: Adapter, fmt: str | None, dtype: Any,
               prov: dict[str, Any], force: bool) -> _Staged:
         from lorakit.formats import save_adapter
-        from lorakit.io import check_output
+        from lorakit.outputs import check_output, new_temp, remove_stale
 
         out = step.path
         assert out is not None
@@ -141,43 +144,45 @@ class _Outputs:
         created: list[Path] = []
         try:
             created = make_parents(out.parent)
-            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".recipe.tmp",
-                                          dir=out.parent))
+            remove_stale(out)
+            temp = new_temp(out, is_dir=True)
         except OSError as e:
             remove_dirs(created)
             raise OutputWriteError(f"cannot create the output ({e.strerror or e})",
                                    path=out) from e
-        item = _Staged(step, out, stage, stage / out.name, force, created)
+        item = _Staged(step, out, temp, temp.path / out.name, force, created)
         self.items.append(item)
         try:
             # what lorakit.api.save does, minus noting the (staging) path as written: the final
             # paths are noted once they are in place (see _note_written)
-            item.written = save_adapter(adapter, stage / out.name, fmt, dtype=dtype,
+            item.written = save_adapter(adapter, temp.path / out.name, fmt, dtype=dtype,
                                         provenance=prov)
         except LorakitError as e:
-            repoint_error(e, stage / out.name, out)
+            repoint_error(e, temp.path / out.name, out)
             raise
         return item
 
     def commit(self) -> dict[str, Path]:
-        from lorakit.io import check_output
+        from lorakit.outputs import check_output, install, plan_install
 
-        done: dict[str, Path] = {}
-        for item in self.items:
-            check_output(item.out, item.force)
+        plans = []
+        for item in self.items:  # every output checked before the first is put in place
             new = item.stage / item.out.name
-            if item.out.exists() or item.out.is_symlink():
-                old = item.stage / ".replaced"
-                item.out.rename(old)  # removed with the staging folder
-            new.rename(item.out)
-            shutil.rmtree(item.stage, ignore_errors=True)
+            check_output(item.out, item.force, is_dir=new.is_dir())
+            plans.append(plan_install(new, item.out)
+                         if new.is_dir() and item.out.is_dir() else None)
+        done: dict[str, Path] = {}
+        for item, plan in zip(self.items, plans, strict=True):
+            new = item.stage / item.out.name
+            install(new, item.out, force=item.force, is_dir=new.is_dir(), plan=plan)
+            item.temp.discard()
             done[item.step.name] = item.final
         self.items = []
         return done
 
     def abort(self) -> None:
         for item in reversed(self.items):
-            shutil.rmtree(item.stage, ignore_errors=True)
+            item.temp.discard()
             remove_dirs(item.created)
         self.items = []
 

@@ -9,8 +9,10 @@ Alpha convention (kohya's ``resize_lora.py``): the module keeps its scale, so th
 rank 16 / alpha 32, and an adapter with one alpha/rank ratio keeps it at any new ranks. kohya puts
 all of ``S`` into ``lora_up``; lorakit splits it evenly, ``B' = U_k (S_k / scale)^1/2`` and
 ``A' = (S_k / scale)^1/2 V_k^T`` (balanced factors: the same range in both, best for fp16/bf16).
-Either way ``scale * B' @ A' = U_k S_k V_k^T``. A module whose scale is not positive (alpha 0 or
-negative) gets ``alpha = k`` and no rsLoRA flag (scale 1). Output dtype = input dtype unless asked.
+Either way ``scale * B' @ A' = U_k S_k V_k^T``. Every module keeps its scale, whatever its sign: a
+negative alpha stays negative (the factors are split with ``|scale|`` and ``B'`` takes the sign),
+and a zero alpha stays zero (its update is zero, and so are the new factors). Output dtype = input
+dtype unless asked.
 
 Example:
     >>> import lorakit
@@ -81,18 +83,22 @@ class ResizeReport:
         }
 
 
-def _kept_scale(m: LoraModule) -> float:
-    """The scale the resized module keeps (kohya), or 1 where it is not positive."""
-    s = m.scale
+def _split_scale(m: LoraModule) -> float:
+    """The positive scale the new factors are balanced for: ``|scale|`` (1 for a zero scale,
+    whose update and new factors are zero)."""
+    s = abs(m.scale)
     return s if (s > 0 and math.isfinite(s)) else 1.0
 
 
 def _module(m: LoraModule, up: torch.Tensor, down: torch.Tensor) -> LoraModule:
-    """The resized module from matrix factors for ``_kept_scale(m)``, in ``m``'s layout."""
+    """The resized module from matrix factors for ``_split_scale(m)``, in ``m``'s layout: it keeps
+    ``m``'s scale (sign included) and rsLoRA flag."""
     k = down.shape[0]
-    scale = _kept_scale(m)
-    rslora = m.rslora and scale == m.scale
+    scale = m.scale
+    rslora = m.rslora
     alpha = scale * (math.sqrt(k) if rslora else k)
+    if scale < 0:
+        up = -up  # (out, k): scale * (-U (S/|scale|)^1/2) ((S/|scale|)^1/2 V^T) = U S V^T
     if m.kind is ModuleKind.CONV:
         up, down = up.reshape(up.shape[0], k, 1, 1), down.reshape(k, *m.down.shape[1:])
     return LoraModule(down=down, up=up, alpha=alpha, rslora=rslora, kind=m.kind, bias=m.bias)
@@ -150,7 +156,7 @@ def resize(adapter: Adapter, policy: RankPolicy, *, device: str = "auto",
     cores: dict[str, Core] | None = {} if core_bytes <= CORE_CACHE_BYTES else None
     results = truncated_sums(terms, _rank_fn(adapter, policy, terms, dev, cores), device=dev,
                              out_dtype=lambda key: dtype or adapter.modules[key].dtype,
-                             out_scale=lambda key: _kept_scale(adapter.modules[key]),
+                             out_scale=lambda key: _split_scale(adapter.modules[key]),
                              progress=progress, cores=cores)
     report = ResizeReport(params_before=adapter.num_params())
     modules: dict[str, LoraModule] = {}

@@ -49,6 +49,7 @@ from lorakit.formats.common import (
     target_name,
 )
 from lorakit.io import read_json, read_pickle, read_safetensors, write_safetensors
+from lorakit.values import check_peft_config, check_scale
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -152,6 +153,7 @@ def load_peft(path: str | Path, unknown: list[str] | None = None) -> Adapter:
     folder = path if path.is_dir() else path.parent
     cfg_path = folder / CONFIG_NAME
     config = read_json(cfg_path)
+    check_peft_config(config, cfg_path)  # field types and values, named (lorakit.values)
     weights = find_weights(folder) if path.is_dir() else path
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type not in ("LORA", "ADALORA"):
@@ -202,11 +204,16 @@ def _alphas_from_config(parts: dict, config: dict, cfg_path: Path) -> dict[str, 
             raise ConfigMismatchError(
                 f"config gives rank {r_cfg} but lora_A has rank {int(p['down'].shape[0])}",
                 path=cfg_path, key=key, hint="the config does not belong to these weights")
-        alpha = pattern_value(ap, key, a_default, path=cfg_path, field="alpha_pattern")
+        alpha = pattern_value(ap, key, None, path=cfg_path, field="alpha_pattern")
+        field = "lora_alpha" if alpha is None else "alpha_pattern"
+        alpha = a_default if alpha is None else alpha
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) \
                 or not math.isfinite(alpha):
             raise ConfigMismatchError(f"lora_alpha must be a number, got {alpha!r}",
                                       path=cfg_path, key=key)
+        why = check_scale(float(alpha), int(r_cfg), bool(config.get("use_rslora")))
+        if why:
+            raise ConfigMismatchError(f"{field}: {why}", path=cfg_path, key=key)
         alphas[key] = float(alpha)
     return alphas
 

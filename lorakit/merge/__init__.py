@@ -45,6 +45,9 @@ def merge(adapters: Sequence[Adapter], method: str = "linear",
         if bad:
             raise OptionError(f"method {method} has no option {bad[0]!r} "
                               f"(options: {', '.join(sorted(known)) or 'none'})", key=bad[0])
+        from lorakit.values import check_options
+
+        check_options(spec.options, option_values)  # types, finite, in range: named
         options = spec.options(**option_values)
     ws = parse_weights(weights, len(adapters))
     aligned = align(adapters, ws, intersect=intersect, method=method)

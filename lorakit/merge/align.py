@@ -62,7 +62,9 @@ def parse_weights(weights: Sequence[float] | str | None, n: int) -> list[float]:
         except ValueError as e:
             raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers",
                               key="weights") from e
-    out = [float(w) for w in weights]
+    from lorakit.values import check_weight
+
+    out = [check_weight(w, "weights") for w in weights]  # finite, |w| <= 1e6
     if len(out) != n:
         raise OptionError(f"{len(out)} weights for {n} adapters", key="weights")
     return out

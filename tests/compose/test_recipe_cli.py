@@ -177,7 +177,8 @@ def test_outputs_need_force_and_force_replaces(tmp_path, capsys):
     assert (tmp_path / "o" / "old.txt").exists()
     main(["run", str(recipe), "--force", "--quiet"])
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == \
-        ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        ["README.md", "adapter_config.json", "adapter_model.safetensors", "old.txt"]
+    assert (tmp_path / "o" / "old.txt").read_text() == "x"  # --force replaces lorakit's files only
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert lorakit.load(tmp_path / "o").ranks() == {k: 2 for k in lorakit.load(src).modules}
 

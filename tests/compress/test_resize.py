@@ -103,10 +103,31 @@ def test_kohya_alpha_convention_and_balanced_factors():
     assert q.scale == pytest.approx(ad.modules["a.q"].scale)
     assert v.rslora and v.scale == pytest.approx(ad.modules["a.v"].scale)
     assert v.alpha == pytest.approx(ad.modules["a.v"].scale * np.sqrt(2))
-    assert n.alpha == 2.0 and n.scale == 1.0  # negative scale: alpha = k, sign in the factors
-    for new in (q, v):  # balanced: column j of B and row j of A have equal norms
+    # a negative scale is kept too (README: resize keeps each module's scale), sign in B
+    assert n.scale < 0 and n.scale == pytest.approx(ad.modules["a.n"].scale)
+    assert n.alpha == pytest.approx(ad.modules["a.n"].scale * 2)
+    for new in (q, v, n):  # balanced: column j of B and row j of A have equal norms
         np.testing.assert_allclose(torch.linalg.norm(new.up, dim=0).numpy(),
                                    torch.linalg.norm(new.down, dim=1).numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [-6.0, -0.5, 0.0])
+def test_zero_and_negative_alpha_keep_the_scale(alpha):
+    """The update and the scale survive a resize whatever alpha's sign (checked on the dense
+    ``scale * B @ A`` against numpy's SVD optimum); a zero alpha stays zero with a zero update."""
+    g = torch.Generator().manual_seed(7)
+    m = LoraModule(torch.randn(6, 20, generator=g), torch.randn(12, 6, generator=g), alpha)
+    small, _ = lorakit.resize(Adapter(modules={"k": m}), RankPolicy.fixed(3))
+    new = small.modules["k"]
+    assert new.scale == pytest.approx(m.scale) and new.alpha == pytest.approx(m.scale * 3)
+    d = dense(m)
+    got = dense(new)
+    if alpha == 0:
+        assert np.count_nonzero(got) == 0 and np.count_nonzero(d) == 0
+    else:
+        assert np.linalg.norm(got - d) <= _optimum(d, 3) * (1 + 1e-6)
+    full, _ = lorakit.resize(Adapter(modules={"k": m}), RankPolicy.fixed(6))
+    np.testing.assert_allclose(dense(full.modules["k"]), d, atol=1e-4 * (1 + np.abs(d).max()))
 
 
 def test_dtype_is_kept_or_overridden_and_input_untouched():
