@@ -56,10 +56,11 @@ from lorakit.errors import (
     OptionError,
     OutputExistsError,
 )
+from lorakit.formats.registry import FILE_LAYOUTS
 from lorakit.sources import Source, SourcePlan, adapter_files, digest, is_hub, local_path
 
 RECORD_DIR = ".lorakit-batch"
-FILE_FORMATS = ("kohya", "diffusers")
+FILE_FORMATS = FILE_LAYOUTS  # layouts written as one .safetensors file
 
 
 class Executor(str, enum.Enum):

@@ -87,6 +87,7 @@ from typing import Any
 import yaml
 
 from lorakit.errors import LorakitError, RecipeError
+from lorakit.formats.registry import LAYOUT_NAMES
 from lorakit.values import MAX_FACTOR, brief, check_options, is_number
 
 
@@ -122,7 +123,8 @@ MAX_RECIPE_CHARS = 1 << 20  # characters of a recipe file
 MAX_STRING = 4096  # characters of one string field (paths, names)
 POLICY_FIELDS = ("rank", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "threshold", "budget",
                  "conv_rank")
-FORMATS = ("peft", "diffusers", "kohya")
+FORMATS = ("peft", "diffusers", "kohya")  # what a load step may insist on
+LAYOUTS = LAYOUT_NAMES  # every layout convert and save steps write
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -297,12 +299,12 @@ SCHEMA: dict[StepKind, dict[str, Callable[[Any], Any]]] = {
     StepKind.SQUEEZE: {"input": _str, "method": _choice(("auto", "exact", "randomized")),
                        "oversample": _int(0), "n_iter": _int(0), "seed": _int(0),
                        "device": _DEVICE, **_POLICY},
-    StepKind.CONVERT: {"input": _str, "to": _choice(FORMATS), "component": _str},
+    StepKind.CONVERT: {"input": _str, "to": _choice(LAYOUTS), "component": _str},
     StepKind.EXTRACT: {"base": _str, "tuned": _str, "max_rank": _int(1),
                        "non_lora": _choice(("skip", "save")), "seed": _int(0),
                        "device": _DEVICE, "dtype": _dtype, **_POLICY},
     StepKind.COMPOSE: {"units": _entries},
-    StepKind.SAVE: {"input": _str, "output": _str, "format": _choice(FORMATS), "dtype": _dtype,
+    StepKind.SAVE: {"input": _str, "output": _str, "format": _choice(LAYOUTS), "dtype": _dtype,
                     "force": _bool},
     StepKind.PUSH: {"input": _str, "repo": _str, "revision": _str, "private": _bool,
                     "dry_run": _bool},
