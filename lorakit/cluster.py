@@ -24,8 +24,9 @@
   skipped by their records. A chunk that still fails reports its unfinished jobs failed. A cluster
   left without CPUs fails the jobs still queued after :data:`NO_CPU_TIMEOUT_S`
   (``LORAKIT_RAY_NO_CPU_TIMEOUT``) instead of waiting forever. Without
-  ``keep_going`` the first failed job stops the run: queued chunks never start, running ones
-  finish their current job and stop.
+  ``keep_going`` the first failed job stops the run: the driver creates a stop file in the output
+  folder's staging area, which every chunk checks before each job, so queued chunks end without
+  running a job and running ones after their current job (whose result is still reported).
 
 Example:
     >>> from lorakit.batch import BatchOptions, Executor, run_batch
@@ -40,10 +41,9 @@ import contextlib
 import logging
 import math
 import os
-import signal
+import secrets
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -144,25 +144,11 @@ def connect(ray, options: BatchOptions) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _finish_current_job() -> Iterator[Callable[[], bool]]:
-    """While a chunk runs, Ray's cancellation (SIGINT in the worker's main thread) only sets a
-    flag, checked between jobs: a cancelled chunk finishes its current job and stops."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag.is_set
-        return
-    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
-    try:
-        yield flag.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def run_chunk(items: list[tuple[int, Job]], force: bool, keep_going: bool
-              ) -> Iterator[JobResult]:
+def run_chunk(items: list[tuple[int, Job]], force: bool, keep_going: bool,
+              stop: str | None = None) -> Iterator[JobResult]:
     """Run ``(index, job)`` pairs in order in this process, yielding each result; stop after a
-    failure unless ``keep_going``, or when cancelled. What a Ray task runs.
+    failure unless ``keep_going``, and before any job once the file ``stop`` exists (the driver
+    creates it at the first failure of the run). What a Ray task runs.
 
     Example:
         >>> [r.status.value for r in run_chunk([(0, jobs[0])], False, False)]  # doctest: +SKIP
@@ -170,14 +156,13 @@ def run_chunk(items: list[tuple[int, Job]], force: bool, keep_going: bool
     """
     from lorakit.batch import Status, run_job
 
-    with _finish_current_job() as cancelled:
-        for index, job in items:
-            if cancelled():
-                return
-            result = run_job(job, force, index)
-            yield result
-            if result.status is Status.FAILED and not keep_going:
-                return
+    for index, job in items:
+        if stop and os.path.exists(stop):
+            return
+        result = run_job(job, force, index)
+        yield result
+        if result.status is Status.FAILED and not keep_going:
+            return
 
 
 def _chunks(n: int, size: int) -> list[list[int]]:
@@ -189,8 +174,9 @@ class _Drain:
     chunk reports again the jobs it finds done), failures for the jobs of a chunk that died."""
 
     def __init__(self, ray, jobs: list[Job], options: BatchOptions,
-                 take: Callable[[JobResult], None]) -> None:
+                 take: Callable[[JobResult], None], stop: Path) -> None:
         self.ray, self.jobs, self.options, self.take = ray, jobs, options, take
+        self.stop = stop
         self.seen: set[int] = set()
         self.stopped = False
         self.no_cpu_timeout = _setting("NO_CPU_TIMEOUT", NO_CPU_TIMEOUT_S)
@@ -203,7 +189,11 @@ class _Drain:
         self.seen.add(r.index)
         self.take(r)
         if r.status is Status.FAILED and not self.options.keep_going and not self.stopped:
+            # chunks check this file before each job: queued ones end at once, running ones
+            # after their current job, whose result still arrives (ray.cancel would drop it)
             self.stopped = True
+            self.stop.parent.mkdir(parents=True, exist_ok=True)
+            self.stop.touch()
 
     def fail(self, chunk: list[int], error: str, error_type: str) -> None:
         from lorakit.batch import JobResult, Status
@@ -230,13 +220,9 @@ class _Drain:
                     return
                 continue
             quiet_since = time.monotonic()
-            was_stopped = self.stopped
             for gen in ready:
                 if self._next(gen, gens[gen]):
                     pending.append(gen)
-            if self.stopped and not was_stopped:
-                for gen in pending:
-                    ray.cancel(gen)  # queued chunks never start; running ones finish their job
 
     def _next(self, gen, chunk: list[int]) -> bool:
         """Take the generator's next result; False once it is exhausted or failed."""
@@ -261,6 +247,15 @@ class _Drain:
         return self.ray.cluster_resources().get("CPU", 0) < 1
 
 
+def _stop_path(jobs: list[Job]) -> Path:
+    """A name for this run's stop file in the first output folder's staging area (on the file
+    system the workers share; staging is cleared when a run starts)."""
+    from lorakit.batch import RECORD_DIR
+
+    return (Path(jobs[0].output).parent / RECORD_DIR / "staging"
+            / f"stop.{os.getpid()}.{secrets.token_hex(4)}")
+
+
 def run_ray(jobs: list[Job], options: BatchOptions, take: Callable[[JobResult], None]) -> int:
     """Run ``jobs`` as chunked Ray tasks; ``take`` gets each job's result. Returns the CPUs of
     the cluster. See the module docstring for connecting, shipping, chunks and failures.
@@ -271,6 +266,7 @@ def run_ray(jobs: list[Job], options: BatchOptions, take: Callable[[JobResult], 
     """
     ray = _import_ray()
     started = connect(ray, options)
+    stop = _stop_path(jobs) if jobs else Path(os.devnull)
     # Ray's driver prints cluster events (a task retried, a node dead) on stdout: send them to
     # stderr while the session is ours, so that stdout stays the command's own (--json)
     with contextlib.redirect_stdout(sys.stderr) if started else contextlib.nullcontext():
@@ -280,10 +276,13 @@ def run_ray(jobs: list[Job], options: BatchOptions, take: Callable[[JobResult], 
             retries = int(_setting("RETRIES", RETRIES))
             task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(run_chunk)
             gens = {task.remote([(i, jobs[i]) for i in chunk], options.force,
-                                options.keep_going): chunk
+                                options.keep_going, str(stop)): chunk
                     for chunk in _chunks(len(jobs), size)}
-            _Drain(ray, jobs, options, take).run(gens)
+            _Drain(ray, jobs, options, take, stop).run(gens)
         finally:
+            if jobs:
+                with contextlib.suppress(OSError):
+                    stop.unlink()
             if started:
                 ray.shutdown()
     return max(cpus, 1)
