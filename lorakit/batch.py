@@ -79,8 +79,9 @@ class BatchOptions:
     """How a batch runs (not what it computes: that is each job's ``options``).
 
     Fields:
-        jobs: workers (local: processes, 1 = inline; Ray: CPUs of a local runtime). None: 1
-            locally, every core for a local Ray runtime.
+        jobs: workers (local: processes, 1 = inline; Ray: CPUs of a local runtime, or at most
+            this many tasks at once on a cluster). None: 1 locally, every core for a local Ray
+            runtime, every CPU of a cluster.
         executor: local process pool or Ray.
         address: Ray cluster address (``host:6379``, ``auto``, ``ray://host:10001``); None
             starts a local one.

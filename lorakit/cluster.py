@@ -10,7 +10,8 @@
   driver's environment, as every Ray driver does. Without ``--address`` a local runtime is started
   with ``--jobs`` CPUs (every core by default) and stopped at the end. When the caller already
   called ``ray.init``, that connection is used as it is (and its runtime environment must make
-  lorakit importable, e.g. ``runtime_env={"py_modules": [lorakit]}``).
+  lorakit importable, e.g. ``runtime_env={"py_modules": [lorakit]}``). On a cluster, ``--jobs N``
+  keeps at most N tasks (CPUs) busy at once, to share the cluster; by default all of its CPUs.
 * Shipping: connecting to a cluster, the job's runtime environment carries this process's
   ``lorakit`` package (``py_modules``), so workers run exactly the driver's code and need nothing
   of lorakit installed; they need Python with Ray and lorakit's dependencies (torch, safetensors,
@@ -37,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -204,19 +206,32 @@ class _Drain:
                 self.result(JobResult(i, job.label, job.output, Status.FAILED, error=error,
                                       error_type=error_type))
 
-    def run(self, gens: dict[Any, list[int]]) -> None:
+    def run(self, chunks: list[list[int]], submit: Callable[[list[int]], Any],
+            limit: int | None = None) -> None:
+        """Submit ``chunks`` (at most ``limit`` tasks at once; none once stopped) and take their
+        results until every task has ended."""
         ray = self.ray
-        pending = list(gens)
+        queue = collections.deque(chunks)
+        gens: dict[Any, list[int]] = {}
+        pending: list[Any] = []
         quiet_since = time.monotonic()
-        while pending:
+        while queue or pending:
+            while queue and not self.stopped and (limit is None or len(pending) < limit):
+                chunk = queue.popleft()
+                gen = submit(chunk)
+                gens[gen] = chunk
+                pending.append(gen)
+            if not pending:
+                return  # stopped: the chunks never submitted stay "not run"
             ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
             if not ready:
                 if self._no_cpus(quiet_since):
+                    error = (f"no CPUs left in the Ray cluster for {self.no_cpu_timeout:.0f}s "
+                             "(its nodes died or left)")
                     for gen in pending:
                         ray.cancel(gen)
-                        self.fail(gens[gen], f"no CPUs left in the Ray cluster for "
-                                  f"{self.no_cpu_timeout:.0f}s (its nodes died or left)",
-                                  "ClusterError")
+                    for chunk in [gens[g] for g in pending] + list(queue):
+                        self.fail(chunk, error, "ClusterError")
                     return
                 continue
             quiet_since = time.monotonic()
@@ -272,13 +287,18 @@ def run_ray(jobs: list[Job], options: BatchOptions, take: Callable[[JobResult], 
     with contextlib.redirect_stdout(sys.stderr) if started else contextlib.nullcontext():
         try:
             cpus = int(ray.cluster_resources().get("CPU", 0))
+            if options.address and options.jobs:
+                cpus = min(cpus, options.jobs)
             size = options.chunk or default_chunk(len(jobs), cpus)
             retries = int(_setting("RETRIES", RETRIES))
             task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(run_chunk)
-            gens = {task.remote([(i, jobs[i]) for i in chunk], options.force,
-                                options.keep_going, str(stop)): chunk
-                    for chunk in _chunks(len(jobs), size)}
-            _Drain(ray, jobs, options, take, stop).run(gens)
+            limit = options.jobs if options.address else None  # share a cluster: --jobs N
+
+            def submit(chunk: list[int]):
+                return task.remote([(i, jobs[i]) for i in chunk], options.force,
+                                   options.keep_going, str(stop))
+
+            _Drain(ray, jobs, options, take, stop).run(_chunks(len(jobs), size), submit, limit)
         finally:
             if jobs:
                 with contextlib.suppress(OSError):

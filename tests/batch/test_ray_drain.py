@@ -57,13 +57,20 @@ def res(i: int, status: Status = Status.DONE) -> JobResult:
                      Status.FAILED else None)
 
 
-def drain(script: dict[tuple[int, ...], list], n: int, tmp_path, keep_going=False, cpus=2):
+def drain(script: dict[tuple[int, ...], list], n: int, tmp_path, keep_going=False, cpus=2,
+          limit=None):
     taken: list[JobResult] = []
     ray = FakeRay(cpus)
+    ray.submitted = []
     stop = tmp_path / "staging" / "stop.1"
     d = _Drain(ray, jobs(n), BatchOptions(executor=Executor.RAY, keep_going=keep_going),
                taken.append, stop)
-    d.run({iter(refs): list(chunk) for chunk, refs in script.items()})
+
+    def submit(chunk):
+        ray.submitted.append(tuple(chunk))
+        return iter(script[tuple(chunk)])
+
+    d.run([list(c) for c in script], submit, limit)
     return taken, ray, stop
 
 
@@ -98,12 +105,22 @@ def test_without_keep_going_the_first_failure_writes_the_stop_file(tmp_path):
     assert stop.is_file() and ray.cancelled == []  # running chunks finish their current job
 
 
+def test_at_most_limit_tasks_at_once_and_none_after_a_stop(tmp_path):
+    script = {(0,): [res(0, Status.FAILED)], (1,): [res(1)], (2,): [res(2)], (3,): [res(3)]}
+    taken, ray, stop = drain(script, 4, tmp_path, limit=2)
+    # chunks 0 and 1 were submitted; 0 failed, so 2 and 3 never were
+    assert ray.submitted == [(0,), (1,)] and stop.is_file()
+    assert [(r.index, r.status) for r in taken] == [(0, Status.FAILED), (1, Status.DONE)]
+    taken, ray, _ = drain({c: [res(c[0])] for c in [(0,), (1,), (2,)]}, 3, tmp_path, limit=1)
+    assert ray.submitted == [(0,), (1,), (2,)] and len(taken) == 3
+
+
 def test_a_cluster_without_cpus_fails_the_queued_jobs(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_RAY_NO_CPU_TIMEOUT", "0")
     monkeypatch.setattr(cluster, "POLL_S", 0.01)
-    taken, ray, _ = drain({(0, 1): [res(0)], (2,): [res(2)]}, 3, tmp_path, keep_going=True,
-                          cpus=0)
-    assert [r.index for r in taken] == [0, 1, 2] and len(ray.cancelled) == 2
+    taken, ray, _ = drain({(0, 1): [res(0)], (2,): [res(2)], (3,): [res(3)]}, 4, tmp_path,
+                          keep_going=True, cpus=0, limit=2)
+    assert [r.index for r in taken] == [0, 1, 2, 3] and len(ray.cancelled) == 2
     assert all(r.status is Status.FAILED and r.error_type == "ClusterError" for r in taken)
     assert "no CPUs left in the Ray cluster" in taken[0].error
 
