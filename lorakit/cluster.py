@@ -60,7 +60,6 @@ if TYPE_CHECKING:  # pragma: no cover
 # about 28 ms of scheduling and transfer on top of a 13 ms job. With 32-64 jobs per task that is
 # 3-7 % of the work; four chunks per CPU keep the CPUs balanced to the end and bound what a lost
 # node has to redo.
-TASK_OVERHEAD_S = 0.028
 MAX_CHUNK = 64
 CHUNKS_PER_CPU = 4
 RETRIES = 3  # Ray retries of a chunk whose worker or node died (not of failed jobs)
@@ -251,8 +250,7 @@ class _Drain:
         except ray.exceptions.TaskCancelledError:
             return False
         except ray.exceptions.RayError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self.fail(chunk, f"Ray task failed: {first}", type(e).__name__)
+            self.fail(chunk, f"Ray task failed: {_first_line(e)}", type(e).__name__)
             return False
         return True
 
@@ -260,6 +258,16 @@ class _Drain:
         if time.monotonic() - quiet_since < self.no_cpu_timeout:
             return False
         return self.ray.cluster_resources().get("CPU", 0) < 1
+
+
+def _first_line(e: BaseException) -> str:
+    """What went wrong, in one line: the cause of an exception raised inside the task (an import
+    error on a worker without lorakit's dependencies), else Ray's first line (a dead node)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        return f"{type(cause).__name__}: {_first_line(cause)}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _stop_path(jobs: list[Job]) -> Path:

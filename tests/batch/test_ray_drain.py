@@ -160,3 +160,15 @@ def test_chunk_needs_ray_and_a_positive_size():
     with pytest.raises(OptionError, match="at least 1, got 0"):
         BatchOptions(executor=Executor.RAY, chunk=0)
     assert BatchOptions(executor=Executor.RAY, chunk=8).chunk == 8
+
+
+def test_a_chunk_that_raised_on_the_worker_names_the_cause(tmp_path):
+    class RayTaskError(RayError):
+        def __init__(self, cause):
+            super().__init__("ray::run_chunk() (pid=12, ip=10.0.0.2)\n  traceback ...")
+            self.cause = cause
+
+    err = RayTaskError(ModuleNotFoundError("No module named 'safetensors'"))
+    taken, _, _ = drain({(0, 1): [err]}, 2, tmp_path, keep_going=True)
+    assert [r.error for r in taken] == [
+        "Ray task failed: ModuleNotFoundError: No module named 'safetensors'"] * 2
