@@ -18,7 +18,9 @@
   numpy, scipy, scikit-learn, huggingface_hub, threadpoolctl, click, rich, pyyaml).
 * Chunks: each Ray task runs ``chunk`` consecutive jobs (default :func:`default_chunk`) and yields
   each job's result as it finishes (a streaming generator task), so progress, results, records and
-  the report stay per source. One CPU per task, one torch thread per CPU.
+  the report stay per source. One CPU per task, one torch thread per CPU. While the run owns
+  the Ray session, ``sys.stdout`` is redirected to stderr: Ray's driver prints cluster events
+  (a task retried, a node dead) on stdout, which would corrupt ``--json``.
 * Failures: a worker or node that dies takes only its running job with it (outputs are written
   aside and renamed into place, so no finished output is lost); Ray retries the chunk
   (:data:`RETRIES` times, ``LORAKIT_RAY_RETRIES``) on a live node, where the jobs already done are
