@@ -20,11 +20,13 @@ forked workers start warm.
 
 Printed per mode: wall time, adapters/s (whole run, and steady state from the first to the last
 result, which leaves out worker start-up), the per-job cost (workers x wall / N) and its overhead
-over the bare time, the mean wall and CPU time inside a job (CPU time does not depend on what else
-runs on the machine); then the scaling ratios (target: pool x2 >= 1.6x one worker), the Ray rows
-against pool x2 (target: the chunked cluster run >= 0.8x) and the cost of a resume check (a rerun
-that skips all N). The machine is shared: the load average is printed,
-and a control runs the bare loop in two processes at once against one (no lorakit batch code), to
+over the bare time, the mean wall and CPU time inside a job, and the CPU time of every process of
+the run per adapter ("all cpu": driver, pool workers, Ray's GCS, raylets, agents and workers); CPU
+time does not depend on what else runs on the machine. Then the scaling ratios (target: pool x2
+>= 1.6x one worker), the Ray rows against pool x2 (target: the chunked cluster run >= 0.8x), by
+wall time and by all-process CPU per adapter (what idle cores would give), and the cost of a
+resume check (a rerun that skips all N). The machine is shared: the load average is printed, and
+a control runs the bare loop in two processes at once against one (no lorakit batch code), to
 show what two workers can gain on the machine at that moment.
 
 Usage: python bench/batch.py [--n 500] [--no-ray] [--no-cluster] [--workdir DIR]
@@ -106,11 +108,38 @@ def control(sources: list[Path], work: Path) -> float:
     return one / two
 
 
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process and every descendant (pool workers, a local Ray
+    runtime, the cluster's nodes and their workers), dead children that were waited for
+    included. Unlike wall time it does not depend on what else runs on the machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the name: state ppid pgrp session ... utime(12) stime cutime cstime
+        stats[int(pid)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
 def timed(label: str, fn, n: int, workers: int, bare_per_job: float) -> dict:
     stamps: list[float] = []
+    cpu0 = tree_cpu()
     t0 = time.perf_counter()
     result = fn(lambda r: stamps.append(time.perf_counter()))
     wall = time.perf_counter() - t0
+    all_cpu = (tree_cpu() - cpu0) / n
     assert result.ok, [r.error for r in result.failed][:3]
     steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     per_job = workers * wall / n
@@ -119,10 +148,10 @@ def timed(label: str, fn, n: int, workers: int, bare_per_job: float) -> dict:
     row = {"mode": label, "workers": workers, "wall_s": wall, "rate": n / wall,
            "steady_rate": steady, "first_result_s": stamps[0] - t0, "per_job_ms": 1e3 * per_job,
            "overhead_ms": 1e3 * (per_job - bare_per_job), "in_task_ms": 1e3 * in_task,
-           "cpu_ms": 1e3 * cpu}
+           "cpu_ms": 1e3 * cpu, "all_cpu_ms": 1e3 * all_cpu}
     print(f"{label:<10} {workers:>2} {wall:8.2f} {row['rate']:9.1f} {steady:9.1f} "
           f"{row['first_result_s']:8.2f} {row['per_job_ms']:9.2f} {row['overhead_ms']:9.2f} "
-          f"{row['in_task_ms']:9.2f} {row['cpu_ms']:9.2f}", flush=True)
+          f"{row['in_task_ms']:9.2f} {row['cpu_ms']:9.2f} {row['all_cpu_ms']:9.2f}", flush=True)
     return row
 
 
@@ -204,7 +233,7 @@ def main() -> None:
     print(f"bare loop: {bare_s:.2f}s, {1e3 * bare_job:.2f} ms per adapter "
           f"(CPU {1e3 * bare_cpu / n:.2f} ms), {n / bare_s:.1f} adapters/s\n")
     print(f"{'mode':<10} {'w':>2} {'wall s':>8} {'adapt/s':>9} {'steady/s':>9} {'first s':>8} "
-          f"{'job ms':>9} {'ovh ms':>9} {'task ms':>9} {'cpu ms':>9}")
+          f"{'job ms':>9} {'ovh ms':>9} {'task ms':>9} {'cpu ms':>9} {'all cpu':>9}")
     rows = [timed("inline", lambda cb: run_batch(jobs_into("inline"), BatchOptions(jobs=1),
                                                  on_result=cb), n, 1, bare_job)]
 
@@ -252,11 +281,15 @@ def main() -> None:
         steady = (pool2["steady_rate"] + after["steady_rate"]) / 2
         print(f"pool x2 before / after the Ray rows: {pool2['rate']:.1f} / {after['rate']:.1f} "
               f"adapters/s (mean {rate:.1f})")
+        pool_cpu = (pool2["all_cpu_ms"] + after["all_cpu_ms"]) / 2
     for r in ray_runs:
         print(f"{r['mode']:<10} / pool x2: {r['rate'] / rate:.2f}x (steady state "
               f"{r['steady_rate'] / steady:.2f}x); per-job overhead {r['overhead_ms']:.2f} ms "
               f"over the bare {1e3 * bare_job:.2f} ms (in-task {r['in_task_ms']:.2f} ms)"
               + ("   target >= 0.8x" if r["mode"] == "cluster" else ""))
+        print(f"{'':<10}   CPU of every process per adapter: {r['all_cpu_ms']:.2f} ms against "
+              f"the pool's {pool_cpu:.2f} ms: on idle cores {pool_cpu / r['all_cpu_ms']:.2f}x "
+              "the pool's throughput (if both kept the cores busy)")
     cpu_scaling = min(2, os.cpu_count() or 1) * inline["cpu_ms"] / pool2["cpu_ms"]
     print(f"CPU per job: inline {inline['cpu_ms']:.2f} ms, pool x2 {pool2['cpu_ms']:.2f} ms: on "
           f"two idle cores pool x2 would give at most {cpu_scaling:.2f}x inline (steady state)")
