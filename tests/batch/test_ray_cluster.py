@@ -1,7 +1,7 @@
 """``--executor ray --address`` against a real cluster on this host, started with ``ray start``.
 
 One module-scoped cluster (:class:`lorakit.localcluster.LocalCluster`): a head node with one CPU
-and a worker node with one CPU, each a ``ray start --block`` process group of its own (own temp
+and a worker node with one CPU, each a ``ray start --block`` process session of its own (own temp
 dir and ports), both stopped at the end even when a test fails. The nodes run a Python that cannot
 import lorakit (a venv that sees the project's site-packages but not its editable install), so a
 batch that succeeds shows that the job shipped the package to the workers. The drivers are the
@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,22 +67,27 @@ def cluster(tmp_path_factory):
 
 def lorakit(args: list[str], cwd: Path, env: dict[str, str] | None = None,
             watch=None) -> subprocess.CompletedProcess:
-    """Run the CLI (a Ray driver) in ``cwd``; ``watch(proc)`` is polled while it runs."""
+    """Run the CLI (a Ray driver) in ``cwd``; ``watch()`` is polled while it runs until it
+    returns True. Output goes to files (a full pipe would block the driver)."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen([str(LORAKIT), *args], cwd=cwd, env=full_env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while watch is not None and proc.poll() is None and time.monotonic() < deadline:
-        if watch():
-            watch = None
-        time.sleep(0.02)
-    try:
-        out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"lorakit {' '.join(args)} hung (> {RUN_TIMEOUT}s); stderr: {err[-2000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([str(LORAKIT), *args], cwd=cwd, env=full_env, text=True,
+                                stdout=out, stderr=err)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while watch is not None and proc.poll() is None and time.monotonic() < deadline:
+            if watch():
+                watch = None
+            time.sleep(0.02)
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            err.seek(0)
+            pytest.fail(f"lorakit {' '.join(args)} hung (> {RUN_TIMEOUT}s): {err.read()[-2000:]}")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 def busy(node) -> bool:
