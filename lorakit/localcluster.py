@@ -1,10 +1,10 @@
 """A throwaway multi-node Ray cluster on this host, started the usual way (``ray start``).
 
 For tests, benchmarks and trying ``--executor ray --address`` without a real cluster. Each node is
-one ``ray start --block`` process in its own process group, with its own ``--temp-dir`` and free
+one ``ray start --block`` process in its own session, with its own ``--temp-dir`` and free
 ports (GCS, dashboard, dashboard agent), so several clusters (other test runs on the machine) never
 collide, and a node can be killed on its own, as a crashed machine would be: SIGKILL to its whole
-process group (raylet, object store, workers), with no chance to clean up.
+session (raylet, object store, agents, workers), with no chance to clean up.
 
 Decisions, from what Ray (2.60) needs here:
 
@@ -57,7 +57,7 @@ def free_port() -> int:
 
 @dataclass
 class Node:
-    """One ``ray start --block`` process (its process group is the node's processes)."""
+    """One ``ray start --block`` process (its session holds the node's processes)."""
 
     name: str
     process: subprocess.Popen
@@ -149,12 +149,12 @@ class LocalCluster:
     def kill(self, node: Node) -> None:
         """SIGKILL every process of ``node`` (raylet, object store, agents, workers), as a
         machine crash would."""
-        _signal_group(node, signal.SIGKILL)
+        _signal_session(node, signal.SIGKILL)
         node.process.wait(timeout=10)
 
     def stop(self) -> None:
         """Stop every node (SIGTERM to ``ray start --block``, which stops its processes; SIGKILL
-        to whatever is left of the group after 15 s) and remove the temp dirs."""
+        to whatever is left of the session after 15 s) and remove the temp dirs."""
         for node in reversed(self.nodes):
             if node.alive:
                 node.process.terminate()
@@ -164,14 +164,14 @@ class LocalCluster:
                 node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            _signal_group(node, signal.SIGKILL)  # stragglers (workers) of a stopped node
+            _signal_session(node, signal.SIGKILL)  # stragglers (workers) of a stopped node
         self.nodes.clear()
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
 
 
-def _signal_group(node: Node, sig: int) -> None:
+def _signal_session(node: Node, sig: int) -> None:
     """Signal every process of the node's session: ``start_new_session`` made the ``ray start``
     process a session leader, and the raylet puts each worker in a process group of its own but
     in that session (Linux: ``/proc``)."""
