@@ -171,7 +171,8 @@ def test_resize_on_cluster_survives_killed_workers(cluster, tmp_path, monkeypatc
     result = json.loads(first.stdout)  # Ray's own messages went to stderr
     failed = [j for j in result["jobs"] if j["status"] == "failed"]
     assert failed and all(j["error"].startswith("Ray task failed") for j in failed), failed
-    assert seen[0] <= result["counts"]["done"] < n
+    # (a job the dead node finished may have its record but no reported result)
+    assert 0 < result["counts"]["done"] < n and records(out) >= seen[0]
     # every output in place is complete and recorded (a job killed between its record and its
     # rename leaves a record without output: redone); nothing partial is visible
     kept = outputs(out)
