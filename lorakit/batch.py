@@ -8,9 +8,10 @@ output), ``repo--subfolder`` for a Hub source.
 * Executors: inline (``--jobs 1``), a local process pool (``--jobs N``, ``cores / N`` torch
   threads per worker; single-threaded workers are forked from this process, others from a fresh
   server process) or Ray tasks (``--executor ray [--address ...] [--chunk N]``, extra ``ray``;
-  one CPU per task, several jobs per task: :mod:`lorakit.cluster`). Every executor runs the same :func:`run_job`, so outputs are byte-identical whichever
-  runs them (for kohya/diffusers files, whose safetensors metadata the writer orders by hash, the
-  tensors and metadata are identical, not the header's key order).
+  one CPU per task, several jobs per task: :mod:`lorakit.cluster`). Every executor runs the same
+  :func:`run_job`, so outputs are byte-identical whichever runs them (for kohya/diffusers files,
+  whose safetensors metadata the writer orders by hash, the tensors and metadata are identical,
+  not the header's key order).
 * Resumable: each finished job leaves a record ``OUT_DIR/.lorakit-batch/<output>.json`` with the
   sha256 of the input's adapter files (config and weights) and of the job's options, and the names
   and sizes of the output's files. A rerun skips a job whose output exists and whose record
