@@ -7,17 +7,30 @@ rank 8, alpha 16, float32 (24 modules, 295k parameters, 1.2 MB). All are resized
     machinery), the baseline per-adapter time;
   * inline: ``run_batch`` with one job at a time in this process (hashes, records, staging);
   * pool x1 and pool x2: the local process pool (forked workers, one torch thread each);
-  * Ray x2: a local Ray runtime with 2 CPUs (its start-up is timed apart).
+  * ray c1: a local Ray runtime with 2 CPUs, one job per Ray task (``--chunk 1``);
+  * ray: the same runtime with the default chunk (:func:`lorakit.cluster.default_chunk`);
+  * cluster: a real two-node cluster on this host (``ray start --head`` with 1 CPU and a second
+    ``ray start --address`` node with 1 CPU: the pool's 2 CPUs), reached through ``--address``
+    with lorakit shipped to the workers, default chunk.
+
+Ray start-up is timed apart: ``ray.init`` / the nodes' start, then a cold batch of 20 adapters
+that starts the job's workers (the runtime environment, torch imported); the timed batch then runs
+on warm workers, as every batch but the first one of a long-lived driver would, and as the pool's
+forked workers start warm.
 
 Printed per mode: wall time, adapters/s (whole run, and steady state from the first to the last
 result, which leaves out worker start-up), the per-job cost (workers x wall / N) and its overhead
-over the bare time, the mean wall and CPU time inside a job (CPU time does not depend on what else
-runs on the machine); then the scaling ratios (target: pool x2 >= 1.6x one worker) and the cost of
-a resume check (a rerun that skips all N). The machine is shared: the load average is printed,
-and a control runs the bare loop in two processes at once against one (no lorakit batch code), to
+over the bare time, the mean wall and CPU time inside a job, and the CPU time of every process of
+the run per adapter ("all cpu": driver, pool workers, Ray's GCS, raylets, agents and workers); CPU
+time does not depend on what else runs on the machine. Then the scaling ratios (target: pool x2
+>= 1.6x one worker), the Ray rows against pool x2 (target: the chunked cluster run >= 0.8x), by
+wall time and by all-process CPU per adapter (what idle cores would give), and the cost of a
+resume check (a rerun that skips all N). The machine is shared: the load average is printed, and
+a control runs the bare loop in two processes at once against one (no lorakit batch code), to
 show what two workers can gain on the machine at that moment.
 
-Usage: python bench/batch.py [--n 500] [--no-ray] [--workdir DIR]
+Usage: python bench/batch.py [--n 500] [--no-ray] [--no-cluster] [--workdir DIR]
+       (under ``flock /tmp/lorakit-bench.lock`` on a shared machine)
 """
 
 from __future__ import annotations
@@ -95,11 +108,38 @@ def control(sources: list[Path], work: Path) -> float:
     return one / two
 
 
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process and every descendant (pool workers, a local Ray
+    runtime, the cluster's nodes and their workers), dead children that were waited for
+    included. Unlike wall time it does not depend on what else runs on the machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the name: state ppid pgrp session ... utime(12) stime cutime cstime
+        stats[int(pid)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
 def timed(label: str, fn, n: int, workers: int, bare_per_job: float) -> dict:
     stamps: list[float] = []
+    cpu0 = tree_cpu()
     t0 = time.perf_counter()
     result = fn(lambda r: stamps.append(time.perf_counter()))
     wall = time.perf_counter() - t0
+    all_cpu = (tree_cpu() - cpu0) / n
     assert result.ok, [r.error for r in result.failed][:3]
     steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     per_job = workers * wall / n
@@ -108,17 +148,68 @@ def timed(label: str, fn, n: int, workers: int, bare_per_job: float) -> dict:
     row = {"mode": label, "workers": workers, "wall_s": wall, "rate": n / wall,
            "steady_rate": steady, "first_result_s": stamps[0] - t0, "per_job_ms": 1e3 * per_job,
            "overhead_ms": 1e3 * (per_job - bare_per_job), "in_task_ms": 1e3 * in_task,
-           "cpu_ms": 1e3 * cpu}
+           "cpu_ms": 1e3 * cpu, "all_cpu_ms": 1e3 * all_cpu}
     print(f"{label:<10} {workers:>2} {wall:8.2f} {row['rate']:9.1f} {steady:9.1f} "
           f"{row['first_result_s']:8.2f} {row['per_job_ms']:9.2f} {row['overhead_ms']:9.2f} "
-          f"{row['in_task_ms']:9.2f} {row['cpu_ms']:9.2f}", flush=True)
+          f"{row['in_task_ms']:9.2f} {row['cpu_ms']:9.2f} {row['all_cpu_ms']:9.2f}", flush=True)
     return row
+
+
+def ray_rows(work: Path, plan, opts: dict, n: int, bare_job: float, cluster: bool) -> list:
+    """Rows for a local Ray runtime (chunk 1, default chunk) and a two-node cluster."""
+    from lorakit.localcluster import LocalCluster
+
+    nodes = LocalCluster(head_cpus=1)
+    # one token for every Ray session of this process, set before Ray reads its configuration
+    os.environ.update(nodes.client_env)
+    import ray
+
+    from lorakit.cluster import default_chunk, shipped_runtime_env
+    warm_plan = expand([str(p) for p in sorted((work / "in").iterdir())[:20]])
+
+    def batch(name: str, chunk: int | None, warm_up: bool = True):
+        def go(cb):
+            return run_batch(plan_jobs("resize", plan, work / name, opts),
+                             BatchOptions(executor=Executor.RAY, chunk=chunk), on_result=cb)
+        if warm_up:  # starts the job's workers; not timed with the batch
+            t = time.perf_counter()
+            run_batch(plan_jobs("resize", warm_plan, work / f"{name}_warm", opts),
+                      BatchOptions(executor=Executor.RAY, chunk=chunk))
+            print(f"  (cold batch of 20 on {name}: {time.perf_counter() - t:.2f}s)", flush=True)
+        return go
+
+    rows = []
+    t = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    print(f"  (ray.init, local runtime with 2 CPUs: {time.perf_counter() - t:.2f}s)", flush=True)
+    rows.append(timed("ray c1", batch("ray_c1", 1), n, 2, bare_job))
+    print(f"  (default chunk for {n} jobs on 2 CPUs: {default_chunk(n, 2)})")
+    rows.append(timed("ray", batch("ray", None), n, 2, bare_job))
+    ray.shutdown()
+    if not cluster:
+        return rows
+    t = time.perf_counter()
+    with nodes:
+        nodes.add_node(cpus=1)
+        started = time.perf_counter() - t
+        t = time.perf_counter()
+        ray.init(address=nodes.address, runtime_env=shipped_runtime_env(),
+                 include_dashboard=False, log_to_driver=False)
+        print(f"  (cluster: head + node started in {started:.2f}s, ray.init with lorakit "
+              f"shipped {time.perf_counter() - t:.2f}s; CPUs {ray.cluster_resources()['CPU']:.0f})",
+              flush=True)
+        try:
+            rows.append(timed("cluster", batch("cluster", None), n, 2, bare_job))
+        finally:
+            ray.shutdown()
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--no-cluster", action="store_true", help="skip the two-node cluster row")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lorakit_bench_batch_"))
@@ -142,7 +233,7 @@ def main() -> None:
     print(f"bare loop: {bare_s:.2f}s, {1e3 * bare_job:.2f} ms per adapter "
           f"(CPU {1e3 * bare_cpu / n:.2f} ms), {n / bare_s:.1f} adapters/s\n")
     print(f"{'mode':<10} {'w':>2} {'wall s':>8} {'adapt/s':>9} {'steady/s':>9} {'first s':>8} "
-          f"{'job ms':>9} {'ovh ms':>9} {'task ms':>9} {'cpu ms':>9}")
+          f"{'job ms':>9} {'ovh ms':>9} {'task ms':>9} {'cpu ms':>9} {'all cpu':>9}")
     rows = [timed("inline", lambda cb: run_batch(jobs_into("inline"), BatchOptions(jobs=1),
                                                  on_result=cb), n, 1, bare_job)]
 
@@ -165,16 +256,12 @@ def main() -> None:
 
     rows.append(timed("pool", pool("pool1", 1), n, 1, bare_job))
     rows.append(timed("pool", pool("pool2", 2), n, 2, bare_job))
+    ray_runs = []
     if not args.no_ray:
-        import ray
-
-        t = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray_start = time.perf_counter() - t
-        rows.append(timed("ray", lambda cb: run_batch(
-            jobs_into("ray"), BatchOptions(executor=Executor.RAY), on_result=cb), n, 2, bare_job))
-        ray.shutdown()
-        print(f"(ray.init: {ray_start:.2f}s, not included above)")
+        ray_runs = ray_rows(work, plan, opts, n, bare_job, cluster=not args.no_cluster)
+        # the pool again, right after the Ray rows: the load of a shared machine drifts, so the
+        # Ray rows are compared with the mean of the pool runs before and after them
+        after = timed("pool", pool("pool2b", 2), n, 2, bare_job)
     t = time.perf_counter()
     again = run_batch(jobs_into("inline"), BatchOptions(jobs=1))
     resume = time.perf_counter() - t
@@ -189,11 +276,20 @@ def main() -> None:
           f"(steady state {pool2['steady_rate'] / inline['steady_rate']:.2f}x)")
     print(f"scaling pool x2 / pool x1: {pool2['rate'] / pool1['rate']:.2f}x "
           f"(steady state {pool2['steady_rate'] / pool1['steady_rate']:.2f}x)   target >= 1.6x")
-    if len(rows) > 3:
-        r = rows[3]
-        print(f"ray x2 / inline: {r['rate'] / inline['rate']:.2f}x; Ray per-job overhead "
-              f"{r['overhead_ms']:.2f} ms over the bare {1e3 * bare_job:.2f} ms "
-              f"(in-task {r['in_task_ms']:.2f} ms)")
+    if ray_runs:
+        rate = (pool2["rate"] + after["rate"]) / 2
+        steady = (pool2["steady_rate"] + after["steady_rate"]) / 2
+        print(f"pool x2 before / after the Ray rows: {pool2['rate']:.1f} / {after['rate']:.1f} "
+              f"adapters/s (mean {rate:.1f})")
+        pool_cpu = (pool2["all_cpu_ms"] + after["all_cpu_ms"]) / 2
+    for r in ray_runs:
+        print(f"{r['mode']:<10} / pool x2: {r['rate'] / rate:.2f}x (steady state "
+              f"{r['steady_rate'] / steady:.2f}x); per-job overhead {r['overhead_ms']:.2f} ms "
+              f"over the bare {1e3 * bare_job:.2f} ms (in-task {r['in_task_ms']:.2f} ms)"
+              + ("   target >= 0.8x" if r["mode"] == "cluster" else ""))
+        print(f"{'':<10}   CPU of every process per adapter: {r['all_cpu_ms']:.2f} ms against "
+              f"the pool's {pool_cpu:.2f} ms: on idle cores {pool_cpu / r['all_cpu_ms']:.2f}x "
+              "the pool's throughput (if both kept the cores busy)")
     cpu_scaling = min(2, os.cpu_count() or 1) * inline["cpu_ms"] / pool2["cpu_ms"]
     print(f"CPU per job: inline {inline['cpu_ms']:.2f} ms, pool x2 {pool2['cpu_ms']:.2f} ms: on "
           f"two idle cores pool x2 would give at most {cpu_scaling:.2f}x inline (steady state)")

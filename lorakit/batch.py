@@ -7,10 +7,11 @@ output), ``repo--subfolder`` for a Hub source.
 
 * Executors: inline (``--jobs 1``), a local process pool (``--jobs N``, ``cores / N`` torch
   threads per worker; single-threaded workers are forked from this process, others from a fresh
-  server process) or Ray tasks (``--executor ray [--address ...]``, extra ``ray``; one CPU per
-  task). Every executor runs the same :func:`run_job`, so outputs are byte-identical whichever
-  runs them (for kohya/diffusers files, whose safetensors metadata the writer orders by hash, the
-  tensors and metadata are identical, not the header's key order).
+  server process) or Ray tasks (``--executor ray [--address ...] [--chunk N]``, extra ``ray``;
+  one CPU per task, several jobs per task: :mod:`lorakit.cluster`). Every executor runs the same
+  :func:`run_job`, so outputs are byte-identical whichever runs them (for kohya/diffusers files,
+  whose safetensors metadata the writer orders by hash, the tensors and metadata are identical,
+  not the header's key order).
 * Planned whole: :func:`plan_jobs` checks every job and the report before any runs (no output
   may be, hold or lie inside any input of the batch; see README "Output safety").
 * Resumable: each finished job leaves a record ``OUT_DIR/.lorakit-batch/<output>.json`` with the
@@ -52,7 +53,6 @@ from typing import Any
 from lorakit.errors import (
     BatchError,
     LorakitError,
-    MissingDependencyError,
     OptionError,
     OutputExistsError,
 )
@@ -84,13 +84,16 @@ class BatchOptions:
     """How a batch runs (not what it computes: that is each job's ``options``).
 
     Fields:
-        jobs: workers (local: processes, 1 = inline; Ray: CPUs of a local runtime). None: 1
-            locally, every core for a local Ray runtime.
+        jobs: workers (local: processes, 1 = inline; Ray: CPUs of a local runtime, or at most
+            this many tasks at once on a cluster). None: 1 locally, every core for a local Ray
+            runtime, every CPU of a cluster.
         executor: local process pool or Ray.
-        address: Ray cluster address (``auto``, ``ray://host:10001``); None starts a local one.
+        address: Ray cluster address (``host:6379``, ``auto``, ``ray://host:10001``); None
+            starts a local one.
         keep_going: run every job even after failures.
         force: redo jobs whose output exists without a matching record.
         threads: torch threads per pool worker (None: cores / workers).
+        chunk: Ray: jobs per Ray task (None: :func:`lorakit.cluster.default_chunk`).
     """
 
     jobs: int | None = None
@@ -99,10 +102,14 @@ class BatchOptions:
     keep_going: bool = False
     force: bool = False
     threads: int | None = None
+    chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.jobs is not None and self.jobs < 1:
             raise OptionError(f"--jobs must be at least 1, got {self.jobs}")
+        if self.chunk is not None and (self.chunk < 1 or Executor(self.executor) is not
+                                       Executor.RAY):
+            raise OptionError(f"--chunk needs --executor ray and at least 1, got {self.chunk}")
         if self.address and Executor(self.executor) is not Executor.RAY:
             raise OptionError("--address needs --executor ray")
 
@@ -689,46 +696,9 @@ def _collect(futures: dict, jobs: list[Job], options: BatchOptions,
 
 def _run_ray(jobs: list[Job], options: BatchOptions,
              take: Callable[[JobResult], None]) -> int:
-    try:
-        import ray
-    except ImportError as e:
-        raise MissingDependencyError("--executor ray needs Ray, which is not installed",
-                                     hint="pip install 'lorakit[ray]'") from e
-    started = False
-    if not ray.is_initialized():
-        kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if options.address:
-            ray.init(address=options.address, **kw)
-        else:
-            ray.init(num_cpus=options.jobs or os.cpu_count() or 1, **kw)
-        started = True
-    try:
-        workers = int(ray.cluster_resources().get("CPU", 1))
-        remote = ray.remote(num_cpus=1, max_retries=0)(run_job)
-        refs = {remote.remote(job, options.force, i): i for i, job in enumerate(jobs)}
-        pending = list(refs)
-        stop = False
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                i = refs[ref]
-                try:
-                    r = ray.get(ref)
-                except ray.exceptions.TaskCancelledError:
-                    continue
-                except ray.exceptions.RayError as e:
-                    r = JobResult(i, jobs[i].label, jobs[i].output, Status.FAILED,
-                                  error=f"Ray task failed: {str(e).splitlines()[0]}",
-                                  error_type=type(e).__name__)
-                take(r)
-                if r.status is Status.FAILED and not options.keep_going and not stop:
-                    stop = True
-                    for p in pending:
-                        ray.cancel(p)
-    finally:
-        if started:
-            ray.shutdown()
-    return workers
+    from lorakit.cluster import run_ray  # chunked tasks, local runtime or --address cluster
+
+    return run_ray(jobs, options, take)
 
 
 # ------------------------------------------------------------------------------------ display

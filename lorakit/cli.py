@@ -110,6 +110,9 @@ def batch_options(f):
                      show_default=True, help="Run jobs in a local process pool or on Ray."),
         click.option("--address", default=None, help="Ray cluster address (with --executor "
                      "ray; default: start a local Ray runtime)."),
+        click.option("--chunk", type=click.IntRange(min=1), default=None,
+                     help="With --executor ray: sources per Ray task (default: up to 64, at "
+                     "least 4 tasks per CPU)."),
         click.option("--keep-going", is_flag=True,
                      help="Run every job even after a failure; the summary lists each one."),
     ]
@@ -127,7 +130,7 @@ def run_batch_cli(task: str, plan: Any, out: str, options: dict[str, Any],
 
     batch = BatchOptions(jobs=batch_kw.get("jobs"), executor=Executor(batch_kw["executor"]),
                          address=batch_kw.get("address"), keep_going=batch_kw["keep_going"],
-                         force=force)
+                         force=force, chunk=batch_kw.get("chunk"))
     run_command(task, plan, out, options, batch=batch, report=report_file, quiet=quiet,
                 as_json=as_json, provenance=provenance([]))
     note_written(out)  # --push-to uploads the whole collection folder
@@ -147,7 +150,7 @@ def check_single_report(report_file: str | None, force: bool, out: str, plan: An
 
 
 def _batch_kw(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {n: kwargs.pop(n) for n in ("jobs", "executor", "address", "keep_going")}
+    return {n: kwargs.pop(n) for n in ("jobs", "executor", "address", "chunk", "keep_going")}
 
 
 def _dtype_name(name: str | None) -> str | None:

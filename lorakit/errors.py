@@ -151,6 +151,10 @@ class BatchError(LorakitError):
     """A batch run with failed jobs (the summary and ``--report`` list each one)."""
 
 
+class ClusterError(LorakitError):
+    """A Ray cluster that cannot be reached, refuses the job, or lost the nodes a batch needs."""
+
+
 class RecipeError(LorakitError):
     """A recipe with problems; ``problems`` lists every one (step, field, message) found before
     anything ran. The message joins them, each naming its step and field."""

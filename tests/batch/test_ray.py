@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -62,4 +63,28 @@ def test_ray_keep_going_and_resume(ray_runtime, tmp_path, capsys):
     main(["resize", str(ins), "-o", str(out), "--rank", "2", "--executor", "ray", "--json"])
     again = json.loads(capsys.readouterr().out)
     assert again["counts"] == {"done": 0, "skipped": 3, "failed": 0, "not run": 0}
+    assert leftovers(out) == []
+
+
+def test_ray_chunks_stop_at_the_first_failure(ray_runtime, tmp_path, capsys):
+    """Chunks of 3: the broken input fails its chunk; queued chunks never start, the one
+    running on the other CPU finishes its current job and stops; every output in place was
+    reported done, and the rerun (fixed input) completes the rest."""
+    ins, out = tmp_path / "in", tmp_path / "out"
+    make_collection(ins, 11, dim=256, layers=8)
+    write_corrupt(ins / "a_broken.safetensors")  # sorts first: job 0
+    with pytest.raises(SystemExit):
+        main(["resize", str(ins), "-o", str(out), "--rank", "2", "--executor", "ray",
+              "--chunk", "3", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    counts = result["counts"]
+    assert result["jobs"][0]["status"] == "failed" and counts["failed"] == 1
+    assert counts["not run"] >= 3  # at least the queued chunks
+    done = {Path(j["output"]).name for j in result["jobs"] if j["status"] == "done"}
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == done
+    (ins / "a_broken.safetensors").unlink()
+    main(["resize", str(ins), "-o", str(out), "--rank", "2", "--executor", "ray", "--chunk",
+          "3", "--json"])
+    again = json.loads(capsys.readouterr().out)["counts"]
+    assert again == {"done": 11 - len(done), "skipped": len(done), "failed": 0, "not run": 0}
     assert leftovers(out) == []
