@@ -71,6 +71,8 @@ class MergeContext:
     seed: int = 0
     progress: Callable[[str], None] | None = None
     notes: dict = field(default_factory=dict)
+    weights: Sequence[float] = ()  # every input adapter's weight (calibrated methods)
+    grams: Sequence = ()  # one lorakit.calibrate.GramSet per input adapter (calibrated methods)
 
     def tick(self, key: str) -> None:
         if self.progress is not None:
@@ -222,3 +224,72 @@ class KnotsOptions:
         object.__setattr__(self, "sign", _enum(SignMethod, self.sign))
         object.__setattr__(self, "disjoint", _enum(DisjointMerge, self.disjoint))
         _check_density(self.density)
+
+
+class MissingModule(str, enum.Enum):
+    """RegMean for a module only some adapters have.
+
+    ``zero``: the others take part with ``D_j = 0`` and their Gram (they ask for the base
+    layer's output on their prompts), as a merge of full models would. ``skip``: the module is
+    solved over the adapters that have it only (so one adapter's module is kept as is).
+    """
+
+    ZERO = "zero"
+    SKIP = "skip"
+
+
+class GramScale(str, enum.Enum):
+    """Each task's Gram as captured (``sum`` over its tokens) or per token (``mean``), so tasks
+    with long prompts do not outweigh tasks with short ones."""
+
+    SUM = "sum"
+    MEAN = "mean"
+
+
+@dataclass(frozen=True)
+class RegmeanOptions:
+    """RegMean: per-layer least squares on calibration activations (see
+    :mod:`lorakit.merge.regmean`).
+
+    ``shrink`` (``a``): off-diagonal Gram entries are multiplied by ``a`` (``G <- a G +
+    (1 - a) diag(G)``); 1 is plain RegMean, 0 the per-feature diagonal solution. Capture:
+    ``activations`` (base or own), at most ``max_prompts`` prompts per adapter, each cut to
+    ``max_tokens`` tokens, ``batch_size`` prompts per forward, ``memory_gb`` of Grams resident
+    per capture pass. ``missing`` and ``gram_scale``: see :class:`MissingModule`,
+    :class:`GramScale`.
+    """
+
+    shrink: float = 0.5
+    activations: str = "base"
+    missing: MissingModule = MissingModule.ZERO
+    gram_scale: GramScale = GramScale.SUM
+    max_prompts: int = 64
+    max_tokens: int = 256
+    batch_size: int = 8
+    memory_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        from lorakit.calibrate.grams import Activations
+        from lorakit.errors import OptionError
+
+        try:
+            object.__setattr__(self, "activations", _enum(Activations, self.activations))
+            object.__setattr__(self, "missing", _enum(MissingModule, self.missing))
+            object.__setattr__(self, "gram_scale", _enum(GramScale, self.gram_scale))
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+        if not 0.0 <= float(self.shrink) <= 1.0:
+            raise OptionError(f"shrink must be in [0, 1], got {self.shrink}", key="shrink")
+        for name in ("max_prompts", "max_tokens", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise OptionError(f"{name} must be an integer >= 1, got {v!r}", key=name)
+        if not float(self.memory_gb) > 0:
+            raise OptionError(f"memory_gb must be > 0, got {self.memory_gb}", key="memory_gb")
+
+    def capture(self):
+        """The capture settings (:class:`lorakit.calibrate.CaptureConfig`)."""
+        from lorakit.calibrate.grams import CaptureConfig
+
+        return CaptureConfig(self.activations, self.max_tokens, self.batch_size,
+                             float(self.memory_gb))

@@ -24,6 +24,7 @@ from lorakit.merge.knots import merge_knots
 from lorakit.merge.lego import merge_lego
 from lorakit.merge.linear import merge_linear
 from lorakit.merge.magnitude_prune import merge_magnitude_prune
+from lorakit.merge.regmean import merge_regmean
 from lorakit.merge.svd import merge_svd
 from lorakit.merge.ties import merge_ties
 
@@ -38,6 +39,7 @@ class MethodSpec:
     reference: str
     exact: bool  # the output equals the weighted sum of updates (before any rank policy)
     summary: str
+    calibrated: bool = False  # needs a model and calibration prompts (ctx.grams)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -72,6 +74,10 @@ METHODS: dict[str, MethodSpec] = {
     "knots": MethodSpec("knots", merge_knots, o.KnotsOptions,
                         "Stoica et al., KnOTS, ICLR 2025", False,
                         "joint SVD alignment, then TIES/DARE on aligned coefficients"),
+    "regmean": MethodSpec("regmean", merge_regmean, o.RegmeanOptions,
+                          "Jin et al., RegMean, ICLR 2023", False,
+                          "per-layer least squares on calibration activations (model + prompts)",
+                          calibrated=True),
 }
 
 
