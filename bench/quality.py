@@ -124,6 +124,21 @@ def merge_configs(quick: bool = False) -> list[MergeConfig]:
     ]
 
 
+def regmean_configs() -> list[MergeConfig]:
+    """RegMean (rank 16 output) with its defaults and a sweep of shrink, activations, the Gram
+    scale and modules only some adapters have."""
+    return [
+        MergeConfig("regmean r16", "regmean", rank=16),
+        MergeConfig("regmean r16 shrink=0.1", "regmean", {"shrink": 0.1}, rank=16),
+        MergeConfig("regmean r16 shrink=0.9", "regmean", {"shrink": 0.9}, rank=16),
+        MergeConfig("regmean r16 shrink=1", "regmean", {"shrink": 1.0}, rank=16),
+        MergeConfig("regmean r16 own", "regmean", {"activations": "own"}, rank=16),
+        MergeConfig("regmean r16 gram mean", "regmean", {"gram_scale": "mean"}, rank=16),
+        MergeConfig("regmean r16 missing=skip", "regmean", {"missing": "skip"}, rank=16),
+        MergeConfig("regmean (full rank)", "regmean"),
+    ]
+
+
 def extra_configs() -> list[MergeConfig]:
     """A follow-up sweep of the scale knob ``lam`` (``--only``; not in the default full run)."""
     return [
@@ -139,7 +154,8 @@ def extra_configs() -> list[MergeConfig]:
 
 def select_configs(labels: str, quick: bool = False) -> list[MergeConfig]:
     """The configs named in a comma-separated list (from the full list and the extra sweep)."""
-    known = {c.label: c for c in merge_configs(quick) + merge_configs() + extra_configs()}
+    known = {c.label: c for c in merge_configs(quick) + merge_configs() + extra_configs()
+             + regmean_configs()}
     out = []
     for label in (x.strip() for x in labels.split(",")):
         if label not in known:
@@ -208,10 +224,26 @@ class Row:
 # Part 1: merges
 
 
+def calibration_prompts(tasks: Mapping[str, Task], n: int) -> list[list[str]]:
+    """The first ``n`` unlabelled prompts of each task's TRAIN split (never the test split), as
+    the adapter read them in training: the prompt for exact-match tasks, the passage for
+    language modelling (whose prompt is empty)."""
+    return [[t.prompt(x) if t.higher_is_better else y for x, y in t.train[:n]]
+            for t in tasks.values()]
+
+
 def run_merges(model: Any, tok: Any, tasks: Mapping[str, Task], adapters: Mapping[str, Adapter],
                configs: Sequence[MergeConfig], limits: Mapping[str, int | None],
-               log: Log = print, seed: int = 0) -> dict[str, Any]:
-    """Base and single-adapter bounds, then every merge config, scored on every task."""
+               log: Log = print, seed: int = 0, calib_n: int = 64,
+               grams: Path | None = None) -> dict[str, Any]:
+    """Base and single-adapter bounds, then every merge config, scored on every task.
+
+    Calibrated methods (``regmean``) get the scoring model itself and ``calib_n`` train prompts
+    per task; their Grams are cached in ``grams`` so a sweep captures each set once (the first
+    config's time includes the capture)."""
+    from lorakit.merge.registry import get_method
+
+    calibration = calibration_prompts(tasks, calib_n)
     names = list(tasks)
     t0 = time.perf_counter()
     base = score_tasks(model, tok, tasks, None, limits)
@@ -226,10 +258,13 @@ def run_merges(model: Any, tok: Any, tasks: Mapping[str, Task], adapters: Mappin
     order = [adapters[n] for n in names]
     for cfg in configs:
         t = time.perf_counter()
+        extra = {}
+        if get_method(cfg.method).calibrated:
+            extra = {"model": (model, tok), "calibration": calibration, "grams": grams}
         try:
             merged = lorakit.merge(order, cfg.method, weights=[cfg.weight] * len(order),
                                    policy=cfg.policy(), seed=seed, dtype=torch.float32,
-                                   **cfg.options)
+                                   **extra, **cfg.options)
         except lorakit.LorakitError as exc:  # reported in the table, not hidden
             rows.append(Row(cfg.label, {}, {}, note=f"error: {exc}"))
             log(f"{cfg.label}: error: {exc}")
@@ -529,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stem", default=None, help="report file name stem")
     p.add_argument("--exact-limit", type=int, default=None, help="test examples per exact task")
     p.add_argument("--lm-limit", type=int, default=None, help="test passages per LM task")
+    p.add_argument("--calib", type=int, default=64, help="train prompts per task for "
+                   "calibrated merges (regmean)")
+    p.add_argument("--grams", type=Path, default=None, help="Gram cache folder (default: a "
+                   "temporary folder for this run)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(args.threads)
@@ -547,7 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     adapters = load_zoo(TASK_NAMES)
     log = lambda s: print(s, flush=True)  # noqa: E731
     configs = select_configs(args.only, args.quick) if args.only else merge_configs(args.quick)
-    merges = run_merges(model, tok, tasks, adapters, configs, limits, log)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lorakit-quality-grams-") as tmp:
+        merges = run_merges(model, tok, tasks, adapters, configs, limits, log,
+                            calib_n=args.calib, grams=args.grams or Path(tmp))
     ranks = [4] if args.quick else [8, 4, 2]
     comp_tasks = {n: tasks[n] for n in (["capital", "date"] if args.quick else TASK_NAMES)}
     points = [] if args.no_compression else run_compression(

@@ -128,3 +128,101 @@ def merge_extras(adapters: Sequence[Adapter], policy: ExtrasPolicy) -> dict[str,
                 key=diff[0] if diff else None,
                 hint="choose --extras first or --extras drop")
     return dict(first)
+
+
+class Space(str, enum.Enum):
+    """Where an entry-wise rule sees the tasks (``--space``).
+
+    ``full``: the entries of each full update ``D_t (out, in)``. ``knots``: the coefficients
+    ``V_t (p, in)`` of the tasks in the joint SVD basis of ``[D_1 .. D_T]`` (KnOTS,
+    :func:`lorakit.merge.knots.aligned_blocks`). ``core``: the cores ``M_t (R_B, R_A)`` in the
+    SVD bases of the stacked factors (Core Space, :func:`core_space`). Both are exact
+    projections: ``D_t`` is recovered from them, so a linear rule gives ``linear``.
+    """
+
+    FULL = "full"
+    KNOTS = "knots"
+    CORE = "core"
+
+
+@dataclass(frozen=True)
+class CoreSpace:
+    """One module's tasks in Core Space: ``D_t = B ib M_t ia^T A`` for the stacked factors
+    ``B = [B_1 .. B_T]`` ``(out, R)`` and ``A = [A_1; ..; A_T]`` ``(R, in)``.
+
+    ``B ib`` ``(out, R_B)`` and ``ia^T A`` ``(R_A, in)`` have orthonormal columns / rows (the
+    left and right singular vectors of ``B`` and ``A``, never formed); ``cores (n, R_B, R_A)``
+    holds each task's ``M_t`` (zeros for a task without the module).
+    """
+
+    b: torch.Tensor  # (out, R)
+    a: torch.Tensor  # (R, in)
+    ib: torch.Tensor  # (R, R_B): U_B = b @ ib
+    ia: torch.Tensor  # (R, R_A): V_A = a^T @ ia
+    cores: torch.Tensor  # (n, R_B, R_A) float64
+
+    def factors(self, merged: torch.Tensor, rank: int | None = None):
+        """``U (out, k)``, ``S (k,)``, ``Vh (k, in)`` of ``U_B merged V_A^T`` (exact SVD from the
+        small ``merged (R_B, R_A)``; ``rank`` keeps the top ``k``)."""
+        u, s, vh = torch.linalg.svd(merged, full_matrices=False)  # (R_B, p), (p,), (p, R_A)
+        k = s.numel() if rank is None else max(0, min(rank, s.numel()))
+        left = (self.ib @ u[:, :k]).to(self.b.dtype)  # (R, k)
+        right = (vh[:k] @ self.ia.T).to(self.a.dtype)  # (k, R)
+        return self.b @ left, s[:k], right @ self.a
+
+
+CORE_RTOL = 1e-13  # Gram eigenvalues kept, relative to the largest (float64 noise floor: ~1e-16)
+
+
+def _basis_maps(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``gram = X^T X`` ``(R, R)``: ``inv (R, p)`` with ``X @ inv`` the left singular vectors
+    of ``X`` (descending) and ``root (p, R)`` with ``X = (X @ inv) @ root``; null directions
+    (eigenvalues below ``CORE_RTOL`` of the largest: singular values below ``3e-7`` of the
+    largest, the float64 Gram's noise floor) dropped."""
+    rtol = CORE_RTOL
+    lam, vec = torch.linalg.eigh(gram.double())  # ascending
+    lam, vec = lam.flip(0), vec.flip(1)
+    top = float(lam[0]) if lam.numel() else 0.0
+    keep = lam > top * rtol if top > 0 else torch.zeros_like(lam, dtype=torch.bool)
+    if not bool(keep.any()):
+        keep[:1] = True
+        lam = lam.clone()
+        lam[:1] = 1.0
+    sq = lam[keep].sqrt()  # (p,)
+    v = vec[:, keep]  # (R, p)
+    return v / sq, (v * sq).T
+
+
+def core_space(terms: Sequence[Term], n_tasks: int, device: torch.device | None = None
+               ) -> CoreSpace:
+    """Project one module's tasks ``w_t s_t B_t A_t`` exactly onto Core Space (see
+    :class:`CoreSpace`): two ``R x R`` Gram matrices of the stacked factors and their
+    eigendecompositions, ``O((out + in) R^2)``, never a dense update. The Grams and the
+    back-projection run in float64 (a few milliseconds per 7B-sized module).
+
+    Example:
+        >>> import torch
+        >>> from lorakit.adapter import LoraModule
+        >>> m = LoraModule(torch.randn(2, 5, dtype=torch.float64),
+        ...                torch.randn(4, 2, dtype=torch.float64), alpha=2)
+        >>> cs = core_space([Term(0, 1.0, m)], 1)
+        >>> u, s, vh = cs.factors(cs.cores[0])
+        >>> torch.allclose((u * s) @ vh, m.delta(torch.float64))
+        True
+    """
+    from lorakit.lowrank.factored import gram_products
+
+    work = torch.float64
+    dev = device or torch.device("cpu")
+    b = torch.cat([t.module.up_matrix(work).to(dev) for t in terms], dim=1)  # (out, R)
+    a = torch.cat([t.module.down_matrix(work).to(dev) for t in terms], dim=0)  # (R, in)
+    gb, ga = gram_products(b[None], a[None])  # (1, R, R) each
+    ib, rb = _basis_maps(gb[0])  # U_B = b ib, U_B^T b = rb (R_B, R)
+    ia, ra = _basis_maps(ga[0])  # V_A = a^T ia, a V_A = ra^T (R, R_A)
+    cores = torch.zeros(n_tasks, rb.shape[0], ra.shape[0], dtype=torch.float64, device=dev)
+    col = 0
+    for t in terms:
+        r = t.module.rank
+        cores[t.index] += t.coeff * (rb[:, col:col + r] @ ra[:, col:col + r].T)  # (R_B, R_A)
+        col += r
+    return CoreSpace(b, a, ib, ia, cores)

@@ -71,9 +71,22 @@ def task_thresholds(terms: Sequence[Term], n_tasks: int, density: float,
     return out
 
 
-def global_thresholds(aligned: dict[str, list[Term]], n_tasks: int, density: float,
-                      device: torch.device, seed: int) -> torch.Tensor:
-    """Per-task magnitude threshold over all modules (exact or sampled, see module docs)."""
+def task_magnitudes(terms: Sequence[Term], n_tasks: int, device: torch.device):
+    """Each task's flat ``|tau_i|`` for this module, one dense update at a time (a generator;
+    an empty tensor for a task without the module, whose update is zero)."""
+    by_task = {idx: (b, a) for idx, b, a in _factors(terms, device)}
+    for i in range(n_tasks):
+        if i in by_task:
+            b, a = by_task[i]
+            yield (b @ a).abs_().reshape(-1)
+        else:
+            yield torch.zeros(0, device=device)
+
+
+def global_samples(aligned: dict[str, list[Term]], n_tasks: int, device: torch.device,
+                   seed: int) -> list[torch.Tensor]:
+    """Per task, its magnitudes over all modules: all of them when a task has at most
+    ``GLOBAL_SAMPLE`` entries, else a seeded uniform sample of that many (see module docs)."""
     g = torch.Generator().manual_seed(seed)
     total = sum(terms[0].module.out_features * terms[0].module.down_matrix().shape[1]
                 for terms in aligned.values())
@@ -89,9 +102,14 @@ def global_thresholds(aligned: dict[str, list[Term]], n_tasks: int, density: flo
         for idx in set(range(n_tasks)) - present:  # a missing module is zeros for that task
             n = numel if keep is None else int(keep.sum())
             samples[idx].append(torch.zeros(n))
+    return [torch.cat(s) for s in samples]
+
+
+def global_thresholds(aligned: dict[str, list[Term]], n_tasks: int, density: float,
+                      device: torch.device, seed: int) -> torch.Tensor:
+    """Per-task magnitude threshold over all modules (exact or sampled, see module docs)."""
     out = torch.full((n_tasks,), float("inf"), dtype=torch.float32)
-    for i in range(n_tasks):
-        v = torch.cat(samples[i])
+    for i, v in enumerate(global_samples(aligned, n_tasks, device, seed)):
         k = int(round(density * v.numel()))
         if k >= v.numel():
             out[i] = 0.0

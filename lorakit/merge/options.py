@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lorakit.merge.align import Space
+
 if TYPE_CHECKING:
     from lorakit.lowrank import RankPolicy
 
@@ -99,11 +101,13 @@ class TiesOptions:
     disjoint: DisjointMerge = DisjointMerge.MEAN
     scope: TrimScope = TrimScope.TENSOR
     lam: float = 1.0
+    space: Space = Space.FULL
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sign", _enum(SignMethod, self.sign))
         object.__setattr__(self, "disjoint", _enum(DisjointMerge, self.disjoint))
         object.__setattr__(self, "scope", _enum(TrimScope, self.scope))
+        object.__setattr__(self, "space", _enum(Space, self.space))
         _check_density(self.density)
 
 
@@ -114,8 +118,10 @@ class DareOptions:
     density: float = 0.5
     rescale: bool = True
     lam: float = 1.0
+    space: Space = Space.FULL
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "space", _enum(Space, self.space))
         _check_density(self.density)
 
 
@@ -128,10 +134,12 @@ class DareTiesOptions:
     sign: SignMethod = SignMethod.TOTAL
     disjoint: DisjointMerge = DisjointMerge.MEAN
     lam: float = 1.0
+    space: Space = Space.FULL
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sign", _enum(SignMethod, self.sign))
         object.__setattr__(self, "disjoint", _enum(DisjointMerge, self.disjoint))
+        object.__setattr__(self, "space", _enum(Space, self.space))
         _check_density(self.density)
 
 
@@ -142,9 +150,11 @@ class MagnitudePruneOptions:
     density: float = 0.5
     scope: TrimScope = TrimScope.TENSOR
     lam: float = 1.0
+    space: Space = Space.FULL
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scope", _enum(TrimScope, self.scope))
+        object.__setattr__(self, "space", _enum(Space, self.space))
         _check_density(self.density)
 
 
@@ -293,3 +303,116 @@ class RegmeanOptions:
 
         return CaptureConfig(self.activations, self.max_tokens, self.batch_size,
                              float(self.memory_gb))
+
+
+class Consensus(str, enum.Enum):
+    """Sign consensus for Breadcrumbs / DELLA: none (plain sum) or TIES's election."""
+
+    NONE = "none"
+    TOTAL = "total"
+    FREQUENCY = "frequency"
+
+
+@dataclass(frozen=True)
+class BreadcrumbsOptions:
+    """Model Breadcrumbs: per task, drop the top ``gamma`` fraction by magnitude (outliers) and
+    keep the next ``density`` fraction; then the sum (or TIES consensus) times ``lam``."""
+
+    density: float = 0.1
+    gamma: float = 0.01
+    consensus: Consensus = Consensus.NONE
+    disjoint: DisjointMerge = DisjointMerge.MEAN
+    scope: TrimScope = TrimScope.TENSOR
+    lam: float = 1.0
+    space: Space = Space.FULL
+
+    def __post_init__(self) -> None:
+        from lorakit.errors import OptionError
+
+        for name, cls in (("consensus", Consensus), ("disjoint", DisjointMerge),
+                          ("scope", TrimScope), ("space", Space)):
+            object.__setattr__(self, name, _enum(cls, getattr(self, name)))
+        _check_density(self.density)
+        if not 0.0 <= float(self.gamma) < 1.0 or float(self.gamma) + float(self.density) > 1.0:
+            raise OptionError(f"gamma must be in [0, 1 - density], got {self.gamma}",
+                              key="gamma")
+
+
+@dataclass(frozen=True)
+class DellaOptions:
+    """DELLA: per row, magnitude-ranked keep probabilities ``density +- epsilon/2`` with
+    ``1/p`` rescaling (MagPrune), then TIES sign election and the disjoint mean, times ``lam``."""
+
+    density: float = 0.5
+    epsilon: float = 0.1
+    rescale: bool = True
+    consensus: Consensus = Consensus.TOTAL
+    disjoint: DisjointMerge = DisjointMerge.MEAN
+    lam: float = 1.0
+    space: Space = Space.FULL
+
+    def __post_init__(self) -> None:
+        from lorakit.errors import OptionError
+
+        for name, cls in (("consensus", Consensus), ("disjoint", DisjointMerge),
+                          ("space", Space)):
+            object.__setattr__(self, name, _enum(cls, getattr(self, name)))
+        _check_density(self.density)
+        d, e = float(self.density), float(self.epsilon)
+        if e < 0 or d - e / 2 <= 0 or d + e / 2 > 1:
+            raise OptionError(f"epsilon must keep density +- epsilon/2 inside (0, 1], got "
+                              f"epsilon {self.epsilon} with density {self.density}",
+                              key="epsilon")
+
+
+@dataclass(frozen=True)
+class TsvOptions:
+    """TSV-Merge: each task keeps its top ``sv_reduction`` share of ``min(out, in)`` singular
+    triplets (default ``1 / T``); the stacked singular vectors are orthogonalised (Procrustes)
+    and the sum is scaled by ``alpha``."""
+
+    sv_reduction: float | None = None
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.sv_reduction is not None:
+            _check_fraction("sv_reduction", self.sv_reduction)
+
+
+@dataclass(frozen=True)
+class IsoCOptions:
+    """Iso-C: the task sum with its spectrum flattened to the mean singular value, times
+    ``alpha``."""
+
+    alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class IsoCtsOptions:
+    """Iso-CTS: the top ``common_fraction`` of the core dimension from the task sum, the rest
+    shared out to task-specific directions; orthogonalised, flattened, times ``alpha``."""
+
+    common_fraction: float = 0.8
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_fraction("common_fraction", self.common_fraction)
+
+
+@dataclass(frozen=True)
+class CartOptions:
+    """CART: the task mean plus ``lam`` times each task's centred residual cut to rank
+    ``ceil(rank_fraction * R)`` (``R``: the core dimension)."""
+
+    rank_fraction: float = 0.1
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_fraction("rank_fraction", self.rank_fraction)
+
+
+def _check_fraction(name: str, v: float) -> None:
+    from lorakit.errors import OptionError
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+        raise OptionError(f"{name} must be in (0, 1], got {v!r}", key=name)
