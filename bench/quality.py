@@ -136,6 +136,11 @@ def regmean_configs() -> list[MergeConfig]:
         MergeConfig("regmean r16 gram mean", "regmean", {"gram_scale": "mean"}, rank=16),
         MergeConfig("regmean r16 missing=skip", "regmean", {"missing": "skip"}, rank=16),
         MergeConfig("regmean (full rank)", "regmean"),
+        MergeConfig("regmean r16 shrink=0.9 own", "regmean",
+                    {"shrink": 0.9, "activations": "own"}, rank=16),
+        MergeConfig("regmean r16 shrink=0.9 gram mean", "regmean",
+                    {"shrink": 0.9, "gram_scale": "mean"}, rank=16),
+        MergeConfig("regmean r16 shrink=0.95", "regmean", {"shrink": 0.95}, rank=16),
     ]
 
 
