@@ -124,23 +124,44 @@ def merge_configs(quick: bool = False) -> list[MergeConfig]:
     ]
 
 
+def rules_2025_configs() -> list[MergeConfig]:
+    """The 2025 data-free rules and the entry-wise rules in KnOTS / Core Space (issue 14)."""
+    return [
+        MergeConfig("tsv", "tsv"),
+        MergeConfig("tsv alpha=0.3", "tsv", {"alpha": 0.3}),
+        MergeConfig("iso_c", "iso_c"),
+        MergeConfig("iso_c alpha=0.5", "iso_c", {"alpha": 0.5}),
+        MergeConfig("iso_c alpha=0.3", "iso_c", {"alpha": 0.3}),
+        MergeConfig("iso_cts", "iso_cts"),
+        MergeConfig("iso_cts alpha=0.5", "iso_cts", {"alpha": 0.5}),
+        MergeConfig("cart", "cart"),
+        MergeConfig("cart lam=0.5", "cart", {"lam": 0.5}),
+        MergeConfig("breadcrumbs", "breadcrumbs"),
+        MergeConfig("breadcrumbs lam=0.3", "breadcrumbs", {"lam": 0.3}),
+        MergeConfig("della", "della"),
+        MergeConfig("della lam=0.5", "della", {"lam": 0.5}),
+        MergeConfig("ties core d=0.2", "ties", {"density": 0.2, "space": "core"}),
+        MergeConfig("ties core d=0.2 lam=0.5", "ties",
+                    {"density": 0.2, "space": "core", "lam": 0.5}),
+        MergeConfig("ties knots d=0.2", "ties", {"density": 0.2, "space": "knots"}),
+        MergeConfig("dare_ties core d=0.5", "dare_ties", {"density": 0.5, "space": "core"}),
+        MergeConfig("magnitude_prune core d=0.5 lam=0.3", "magnitude_prune",
+                    {"density": 0.5, "space": "core", "lam": 0.3}),
+    ]
+
+
 def regmean_configs() -> list[MergeConfig]:
-    """RegMean (rank 16 output) with its defaults and a sweep of shrink, activations, the Gram
-    scale and modules only some adapters have."""
+    """RegMean (rank 16 output) with its defaults (shrink 1) and a sweep of shrink, activations,
+    the Gram scale and modules only some adapters have."""
     return [
         MergeConfig("regmean r16", "regmean", rank=16),
-        MergeConfig("regmean r16 shrink=0.1", "regmean", {"shrink": 0.1}, rank=16),
         MergeConfig("regmean r16 shrink=0.9", "regmean", {"shrink": 0.9}, rank=16),
-        MergeConfig("regmean r16 shrink=1", "regmean", {"shrink": 1.0}, rank=16),
+        MergeConfig("regmean r16 shrink=0.5", "regmean", {"shrink": 0.5}, rank=16),
+        MergeConfig("regmean r16 shrink=0.1", "regmean", {"shrink": 0.1}, rank=16),
         MergeConfig("regmean r16 own", "regmean", {"activations": "own"}, rank=16),
         MergeConfig("regmean r16 gram mean", "regmean", {"gram_scale": "mean"}, rank=16),
         MergeConfig("regmean r16 missing=skip", "regmean", {"missing": "skip"}, rank=16),
         MergeConfig("regmean (full rank)", "regmean"),
-        MergeConfig("regmean r16 shrink=0.9 own", "regmean",
-                    {"shrink": 0.9, "activations": "own"}, rank=16),
-        MergeConfig("regmean r16 shrink=0.9 gram mean", "regmean",
-                    {"shrink": 0.9, "gram_scale": "mean"}, rank=16),
-        MergeConfig("regmean r16 shrink=0.95", "regmean", {"shrink": 0.95}, rank=16),
     ]
 
 
@@ -160,7 +181,7 @@ def extra_configs() -> list[MergeConfig]:
 def select_configs(labels: str, quick: bool = False) -> list[MergeConfig]:
     """The configs named in a comma-separated list (from the full list and the extra sweep)."""
     known = {c.label: c for c in merge_configs(quick) + merge_configs() + extra_configs()
-             + regmean_configs()}
+             + regmean_configs() + rules_2025_configs()}
     out = []
     for label in (x.strip() for x in labels.split(",")):
         if label not in known:

@@ -262,14 +262,15 @@ class RegmeanOptions:
     :mod:`lorakit.merge.regmean`).
 
     ``shrink`` (``a``): off-diagonal Gram entries are multiplied by ``a`` (``G <- a G +
-    (1 - a) diag(G)``); 1 is plain RegMean, 0 the per-feature diagonal solution. Capture:
+    (1 - a) diag(G)``); 1 (the default, best on the zoo's quality benchmark, see
+    :mod:`lorakit.merge.regmean`) is plain RegMean, 0 the per-feature diagonal solution. Capture:
     ``activations`` (base or own), at most ``max_prompts`` prompts per adapter, each cut to
     ``max_tokens`` tokens, ``batch_size`` prompts per forward, ``memory_gb`` of Grams resident
     per capture pass. ``missing`` and ``gram_scale``: see :class:`MissingModule`,
     :class:`GramScale`.
     """
 
-    shrink: float = 0.5
+    shrink: float = 1.0
     activations: str = "base"
     missing: MissingModule = MissingModule.ZERO
     gram_scale: GramScale = GramScale.SUM
