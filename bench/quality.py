@@ -93,7 +93,9 @@ def merge_configs(quick: bool = False) -> list[MergeConfig]:
         return [MergeConfig("linear", "linear"), MergeConfig("svd r16", "svd"),
                 MergeConfig("ties d=0.2", "ties", {"density": 0.2}),
                 MergeConfig("lego (default)", "lego"),
-                MergeConfig("knots d=0.2", "knots", {"density": 0.2})]
+                MergeConfig("knots d=0.2", "knots", {"density": 0.2}),
+                MergeConfig("cart (rank 0.1, lam=1)", "cart"),
+                MergeConfig("regmean r16", "regmean", rank=16)]
     return [
         MergeConfig("linear (sum)", "linear"),
         MergeConfig("linear (mean)", "linear", weight=1 / 6),
@@ -121,32 +123,34 @@ def merge_configs(quick: bool = False) -> list[MergeConfig]:
         MergeConfig("knots d=0.5", "knots", {"density": 0.5}),
         MergeConfig("knots d=0.2 lam=1.5", "knots", {"density": 0.2, "lam": 1.5}),
         MergeConfig("knots sum", "knots", {"merge": "sum", "density": 1.0}),
+        *rules_2025_configs(),
+        *regmean_configs(),
     ]
 
 
 def rules_2025_configs() -> list[MergeConfig]:
-    """The 2025 data-free rules and the entry-wise rules in KnOTS / Core Space (issue 14)."""
+    """The 2025 data-free rules (defaults first, then the papers' scale where it differs and a
+    step around the default) and the entry-wise rules in KnOTS / Core Space (issue 14)."""
     return [
-        MergeConfig("tsv", "tsv"),
-        MergeConfig("tsv alpha=0.3", "tsv", {"alpha": 0.3}),
-        MergeConfig("iso_c", "iso_c"),
-        MergeConfig("iso_c alpha=0.5", "iso_c", {"alpha": 0.5}),
-        MergeConfig("iso_c alpha=0.3", "iso_c", {"alpha": 0.3}),
-        MergeConfig("iso_cts", "iso_cts"),
-        MergeConfig("iso_cts alpha=0.5", "iso_cts", {"alpha": 0.5}),
-        MergeConfig("cart", "cart"),
-        MergeConfig("cart lam=0.5", "cart", {"lam": 0.5}),
-        MergeConfig("breadcrumbs", "breadcrumbs"),
-        MergeConfig("breadcrumbs lam=0.3", "breadcrumbs", {"lam": 0.3}),
-        MergeConfig("della", "della"),
-        MergeConfig("della lam=0.5", "della", {"lam": 0.5}),
-        MergeConfig("ties core d=0.2", "ties", {"density": 0.2, "space": "core"}),
+        MergeConfig("tsv (alpha=0.3)", "tsv"),
+        MergeConfig("tsv alpha=1 (paper)", "tsv", {"alpha": 1.0}),
+        MergeConfig("tsv alpha=0.2", "tsv", {"alpha": 0.2}),
+        MergeConfig("iso_c (alpha=1)", "iso_c"),
+        MergeConfig("iso_c alpha=1.5", "iso_c", {"alpha": 1.5}),
+        MergeConfig("iso_cts (alpha=1)", "iso_cts"),
+        MergeConfig("iso_cts alpha=1.5", "iso_cts", {"alpha": 1.5}),
+        MergeConfig("cart (rank 0.1, lam=1)", "cart"),
+        MergeConfig("cart rank 0.2", "cart", {"rank_fraction": 0.2}),
+        MergeConfig("cart lam=1.5", "cart", {"lam": 1.5}),
+        MergeConfig("breadcrumbs (lam=0.3)", "breadcrumbs"),
+        MergeConfig("breadcrumbs lam=1 (paper)", "breadcrumbs", {"lam": 1.0}),
+        MergeConfig("della (lam=0.5)", "della"),
         MergeConfig("ties core d=0.2 lam=0.5", "ties",
                     {"density": 0.2, "space": "core", "lam": 0.5}),
-        MergeConfig("ties knots d=0.2", "ties", {"density": 0.2, "space": "knots"}),
-        MergeConfig("dare_ties core d=0.5", "dare_ties", {"density": 0.5, "space": "core"}),
-        MergeConfig("magnitude_prune core d=0.5 lam=0.3", "magnitude_prune",
-                    {"density": 0.5, "space": "core", "lam": 0.3}),
+        MergeConfig("ties knots d=0.2 lam=0.5", "ties",
+                    {"density": 0.2, "space": "knots", "lam": 0.5}),
+        MergeConfig("dare_ties core d=0.5 lam=0.5", "dare_ties",
+                    {"density": 0.5, "space": "core", "lam": 0.5}),
     ]
 
 
@@ -180,8 +184,7 @@ def extra_configs() -> list[MergeConfig]:
 
 def select_configs(labels: str, quick: bool = False) -> list[MergeConfig]:
     """The configs named in a comma-separated list (from the full list and the extra sweep)."""
-    known = {c.label: c for c in merge_configs(quick) + merge_configs() + extra_configs()
-             + regmean_configs() + rules_2025_configs()}
+    known = {c.label: c for c in merge_configs(quick) + merge_configs() + extra_configs()}
     out = []
     for label in (x.strip() for x in labels.split(",")):
         if label not in known:

@@ -317,14 +317,16 @@ class Consensus(str, enum.Enum):
 @dataclass(frozen=True)
 class BreadcrumbsOptions:
     """Model Breadcrumbs: per task, drop the top ``gamma`` fraction by magnitude (outliers) and
-    keep the next ``density`` fraction; then the sum (or TIES consensus) times ``lam``."""
+    keep the next ``density`` fraction; then the sum (or TIES consensus) times ``lam`` (default
+    0.3 from the zoo's quality benchmark; the paper sums at 1, see
+    :mod:`lorakit.merge.breadcrumbs`)."""
 
     density: float = 0.1
     gamma: float = 0.01
     consensus: Consensus = Consensus.NONE
     disjoint: DisjointMerge = DisjointMerge.MEAN
     scope: TrimScope = TrimScope.TENSOR
-    lam: float = 1.0
+    lam: float = 0.3
     space: Space = Space.FULL
 
     def __post_init__(self) -> None:
@@ -342,14 +344,15 @@ class BreadcrumbsOptions:
 @dataclass(frozen=True)
 class DellaOptions:
     """DELLA: per row, magnitude-ranked keep probabilities ``density +- epsilon/2`` with
-    ``1/p`` rescaling (MagPrune), then TIES sign election and the disjoint mean, times ``lam``."""
+    ``1/p`` rescaling (MagPrune), then TIES sign election and the disjoint mean, times ``lam``
+    (default 0.5 from the zoo's quality benchmark, see :mod:`lorakit.merge.della`)."""
 
     density: float = 0.5
     epsilon: float = 0.1
     rescale: bool = True
     consensus: Consensus = Consensus.TOTAL
     disjoint: DisjointMerge = DisjointMerge.MEAN
-    lam: float = 1.0
+    lam: float = 0.5
     space: Space = Space.FULL
 
     def __post_init__(self) -> None:
@@ -370,10 +373,11 @@ class DellaOptions:
 class TsvOptions:
     """TSV-Merge: each task keeps its top ``sv_reduction`` share of ``min(out, in)`` singular
     triplets (default ``1 / T``); the stacked singular vectors are orthogonalised (Procrustes)
-    and the sum is scaled by ``alpha``."""
+    and the sum is scaled by ``alpha`` (default 0.3, best on the zoo's quality benchmark; the
+    paper's 1.0 sums six full-strength updates, see :mod:`lorakit.merge.tsv`)."""
 
     sv_reduction: float | None = None
-    alpha: float = 1.0
+    alpha: float = 0.3
 
     def __post_init__(self) -> None:
         if self.sv_reduction is not None:

@@ -56,8 +56,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("space", ["core", "knots"])
 @pytest.mark.parametrize("method, opts", [
     ("magnitude_prune", {"density": 1.0}), ("dare_linear", {"density": 1.0}),
-    ("breadcrumbs", {"density": 1.0, "gamma": 0.0}),
-    ("della", {"density": 1.0, "epsilon": 0.0, "consensus": "none"})])
+    ("breadcrumbs", {"density": 1.0, "gamma": 0.0, "lam": 1.0}),
+    ("della", {"density": 1.0, "epsilon": 0.0, "consensus": "none", "lam": 1.0})])
 def test_linear_rule_in_space_equals_linear(space, method, opts):
     ads = _adapters(missing=True)
     w = [1.0, -0.5, 2.0]
@@ -142,14 +142,14 @@ def test_breadcrumbs_matches_numpy(space):
     w = [1.0, 0.7, 1.3]
     tau = _tau(ads, w)
     if space == "full":
-        got = lorakit.merge(ads, "breadcrumbs", w, density=0.3, gamma=0.05,
+        got = lorakit.merge(ads, "breadcrumbs", w, density=0.3, gamma=0.05, lam=1.0,
                             policy=RankPolicy.fixed(IN), dtype=torch.float64)
         np.testing.assert_allclose(_d(got), _np_breadcrumbs(tau, 0.3, 0.05), rtol=1e-4,
                                    atol=1e-4)
     else:
         ub, cores, va = _np_core(tau, ads)
         got = lorakit.merge(ads, "breadcrumbs", w, density=0.3, gamma=0.05, space="core")
-        assert _rel(_d(got), ub @ _np_breadcrumbs(cores, 0.3, 0.05) @ va.T) < 1e-8
+        assert _rel(_d(got), 0.3 * ub @ _np_breadcrumbs(cores, 0.3, 0.05) @ va.T) < 1e-8
 
 
 def _np_della(tau, density, epsilon, draws):
@@ -168,11 +168,11 @@ def test_della_matches_numpy_with_same_seed():
     ads = _adapters(5)
     w = [1.0, 1.0, 1.0]
     tau = _tau(ads, w)
-    got = lorakit.merge(ads, "della", w, density=0.5, epsilon=0.2, seed=7,
+    got = lorakit.merge(ads, "della", w, density=0.5, epsilon=0.2, seed=7, lam=1.0,
                         policy=RankPolicy.fixed(IN), dtype=torch.float64)
     draws = torch.rand(tau.shape, generator=torch.Generator().manual_seed(7)).double().numpy()
     np.testing.assert_allclose(_d(got), _np_della(tau, 0.5, 0.2, draws), rtol=1e-4, atol=1e-4)
-    again = lorakit.merge(ads, "della", w, density=0.5, epsilon=0.2, seed=7,
+    again = lorakit.merge(ads, "della", w, density=0.5, epsilon=0.2, seed=7, lam=1.0,
                           policy=RankPolicy.fixed(IN), dtype=torch.float64)
     assert torch.equal(got.modules["q"].up, again.modules["q"].up)
 
@@ -242,7 +242,7 @@ def _np_cart(tau, frac, lam):
 @pytest.mark.parametrize("ranks", [(2, 3, 4), (5, 5, 5)])
 @pytest.mark.parametrize("method, opts, ref", [
     ("tsv", {"sv_reduction": 0.1, "alpha": 1.0}, lambda t: _np_tsv(t, 0.1, 1.0)),
-    ("tsv", {}, lambda t: _np_tsv(t, 1 / 3, 1.0)),
+    ("tsv", {}, lambda t: _np_tsv(t, 1 / 3, 0.3)),
     ("iso_c", {"alpha": 1.3}, lambda t: _np_iso_c(t, 1.3)),
     ("iso_cts", {"common_fraction": 0.5, "alpha": 1.0}, lambda t: _np_iso_cts(t, 0.5, 1.0)),
     ("iso_cts", {}, lambda t: _np_iso_cts(t, 0.8, 1.0)),
