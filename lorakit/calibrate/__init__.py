@@ -128,11 +128,15 @@ def prepare_grams(adapters: Sequence[Adapter], model: ModelSpec | None,
         folders.append(folder)
         sets.append(load_gram_set(folder) if folder is not None else None)
     todo = [i for i, s in enumerate(sets) if s is None]
-    spill: Path | None = None
+    holder: list[Path] = []
     if todo:
-        spill = _capture_missing(adapters, model, prompt_sets, config, union, todo, folders,
-                                 sets, progress)
-    return [s for s in sets if s is not None], spill
+        try:
+            _capture_missing(adapters, model, prompt_sets, config, union, todo, folders, sets,
+                             holder, progress)
+        except BaseException:
+            remove_spill(holder[0] if holder else None)  # no temporary Grams left behind
+            raise
+    return [s for s in sets if s is not None], (holder[0] if holder else None)
 
 
 def _union_modules(adapters: Sequence[Adapter], keys: Sequence[str]) -> dict[str, LoraModule]:
@@ -142,14 +146,15 @@ def _union_modules(adapters: Sequence[Adapter], keys: Sequence[str]) -> dict[str
     return out
 
 
-def _capture_missing(adapters, model, prompt_sets, config, union, todo, folders, sets,
-                     progress) -> Path | None:
+def _capture_missing(adapters, model, prompt_sets, config, union, todo, folders, sets, holder,
+                     progress) -> None:
+    """Capture the Grams of the adapters ``todo`` (one model load); ``holder`` receives the
+    temporary spill folder if one is made."""
     m, tok, name = _load_model(model)
     layers = resolve_layers(m, union, name)
     for i in todo:  # the adapter's own modules must fit the model too
         resolve_layers(m, adapters[i].modules, name)
     plan = probe_groups(m, tok, layers, prompt_sets[todo[0]][0])
-    spill: Path | None = None
     total = sum(8.0 * layer_in(layers[g[0]]) ** 2 for g in plan[0])
     many = total > config.memory_gb * 2**30
     for i in todo:
@@ -159,8 +164,9 @@ def _capture_missing(adapters, model, prompt_sets, config, union, todo, folders,
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(_mkdtemp(folder))
         elif many:
-            spill = spill or temp_spill()
-            tmp = spill / f"{i}"
+            if not holder:
+                holder.append(temp_spill())
+            tmp = holder[0] / f"{i}"
             tmp.mkdir()
         try:
             own = adapters[i].modules if config.activations is Activations.OWN else None
@@ -176,7 +182,7 @@ def _capture_missing(adapters, model, prompt_sets, config, union, todo, folders,
                     gs.files = {k: path for k in gs.tensors}
                 save_index(tmp, gs, {"adapter": adapters[i].source, "prompts":
                                      len(prompt_sets[i]), "activations": config.activations.value})
-                os.replace(tmp, folder)
+                _publish(tmp, folder)
                 gs = load_gram_set(folder)
         except BaseException:
             if folder is not None and tmp is not None:
@@ -185,7 +191,17 @@ def _capture_missing(adapters, model, prompt_sets, config, union, todo, folders,
         sets[i] = gs
         if progress is not None:
             progress(f"grams {i + 1}/{len(adapters)}")
-    return spill
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename a finished capture into place; if another run finished the same folder first,
+    keep that one (same key, same Grams) and drop ours."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if load_gram_set(folder) is None:
+            raise
+        remove_spill(tmp)
 
 
 def layer_in(layer: Any) -> int:

@@ -311,3 +311,35 @@ def test_other_methods_refuse_a_model(tiny):
     model, tok = tiny
     with pytest.raises(LorakitError, match="takes no model"):
         lorakit.merge(_adapters(model), "linear", model=(model, tok))
+
+
+def test_spilled_merge_cleans_up(tiny, tmp_path, monkeypatch):
+    """A model whose Grams exceed memory_gb spills them to a private temporary folder, removed
+    after the merge, and after a failed capture too; the result equals the in-memory merge."""
+    import tempfile
+
+    model, tok = tiny
+    ads = _adapters(model)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    small = 9000 / 2**30  # one 32 x 32 float64 Gram per pass
+    a = lorakit.merge(ads, "regmean", model=(model, tok), calibration=PROMPTS, memory_gb=small)
+    assert list(tmp_path.iterdir()) == []
+    b = lorakit.merge(ads, "regmean", model=(model, tok), calibration=PROMPTS)
+    for key in KEYS:
+        assert torch.allclose(a.modules[key].delta(), b.modules[key].delta(), atol=1e-6)
+    layer = model.get_submodule(KEYS[3])
+    calls = {"n": 0}
+
+    def boom(_m, _a):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the probe and the first passes run, then a later pass fails
+            raise RuntimeError("disk on fire")
+
+    h = layer.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            lorakit.merge(ads, "regmean", model=(model, tok), calibration=PROMPTS,
+                          memory_gb=small)
+    finally:
+        h.remove()
+    assert list(tmp_path.iterdir()) == []
