@@ -152,34 +152,56 @@ class CoreSpace:
 
     ``B ib`` ``(out, R_B)`` and ``ia^T A`` ``(R_A, in)`` have orthonormal columns / rows (the
     left and right singular vectors of ``B`` and ``A``, never formed); ``cores (n, R_B, R_A)``
-    holds each task's ``M_t`` (zeros for a task without the module).
+    holds each task's ``M_t`` (zeros for a task without the module). Only these small matrices
+    are kept: the tall factors are re-read from ``terms`` for the back-projection.
     """
 
-    b: torch.Tensor  # (out, R)
-    a: torch.Tensor  # (R, in)
+    terms: Sequence[Term]
     ib: torch.Tensor  # (R, R_B): U_B = b @ ib
     ia: torch.Tensor  # (R, R_A): V_A = a^T @ ia
     cores: torch.Tensor  # (n, R_B, R_A) float64
+    device: torch.device
+
+    def svd(self, merged: torch.Tensor):
+        """The small SVD ``(u, s, vh)`` of a merged core ``(R_B, R_A)`` (float64)."""
+        return torch.linalg.svd(merged.double(), full_matrices=False)
+
+    def back_project(self, small, rank: int | None = None):
+        """``U (out, k)``, ``S (k,)``, ``Vh (k, in)`` of ``U_B merged V_A^T`` for the top ``k``
+        of the small SVD (``rank``; default all): two skinny products with the stacked factors,
+        in float32 (float64 when an input is float64)."""
+        u, s, vh = small
+        k = s.numel() if rank is None else max(0, min(rank, s.numel()))
+        work = torch.float64 if any(t.module.dtype == torch.float64 for t in self.terms) \
+            else torch.float32
+        b, a = _stacked(self.terms, work, self.device)  # (out, R), (R, in)
+        left = (self.ib @ u[:, :k]).to(work)  # (R, k)
+        right = (vh[:k] @ self.ia.T).to(work)  # (k, R)
+        return b @ left, s[:k], right @ a
 
     def factors(self, merged: torch.Tensor, rank: int | None = None):
-        """``U (out, k)``, ``S (k,)``, ``Vh (k, in)`` of ``U_B merged V_A^T`` (exact SVD from the
-        small ``merged (R_B, R_A)``; ``rank`` keeps the top ``k``)."""
-        u, s, vh = torch.linalg.svd(merged, full_matrices=False)  # (R_B, p), (p,), (p, R_A)
-        k = s.numel() if rank is None else max(0, min(rank, s.numel()))
-        left = (self.ib @ u[:, :k]).to(self.b.dtype)  # (R, k)
-        right = (vh[:k] @ self.ia.T).to(self.a.dtype)  # (k, R)
-        return self.b @ left, s[:k], right @ self.a
+        """:meth:`svd` then :meth:`back_project`."""
+        return self.back_project(self.svd(merged), rank)
 
 
-CORE_RTOL = 1e-13  # Gram eigenvalues kept, relative to the largest (float64 noise floor: ~1e-16)
+def _stacked(terms: Sequence[Term], dtype: torch.dtype, device: torch.device):
+    b = torch.cat([t.module.up_matrix(dtype).to(device) for t in terms], dim=1)  # (out, R)
+    a = torch.cat([t.module.down_matrix(dtype).to(device) for t in terms], dim=0)  # (R, in)
+    return b, a
+
+
+# Gram eigenvalues kept, relative to the largest, by the Gram's dtype: above its noise floor
+# (float64 ~1e-16; float32 ~1e-7, i.e. singular values below 1e-3 of the largest, already below
+# the precision of float16 / bfloat16 factors, are dropped)
+CORE_RTOL = {torch.float64: 1e-13, torch.float32: 1e-6}
 
 
 def _basis_maps(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``gram = X^T X`` ``(R, R)``: ``inv (R, p)`` with ``X @ inv`` the left singular vectors
     of ``X`` (descending) and ``root (p, R)`` with ``X = (X @ inv) @ root``; null directions
-    (eigenvalues below ``CORE_RTOL`` of the largest: singular values below ``3e-7`` of the
-    largest, the float64 Gram's noise floor) dropped."""
-    rtol = CORE_RTOL
+    (eigenvalues below ``CORE_RTOL`` of the largest, for the Gram's dtype) dropped; the
+    decomposition itself runs in float64."""
+    rtol = CORE_RTOL.get(gram.dtype, 1e-6)
     lam, vec = torch.linalg.eigh(gram.double())  # ascending
     lam, vec = lam.flip(0), vec.flip(1)
     top = float(lam[0]) if lam.numel() else 0.0
@@ -197,8 +219,9 @@ def core_space(terms: Sequence[Term], n_tasks: int, device: torch.device | None 
                ) -> CoreSpace:
     """Project one module's tasks ``w_t s_t B_t A_t`` exactly onto Core Space (see
     :class:`CoreSpace`): two ``R x R`` Gram matrices of the stacked factors and their
-    eigendecompositions, ``O((out + in) R^2)``, never a dense update. The Grams and the
-    back-projection run in float64 (a few milliseconds per 7B-sized module).
+    eigendecompositions, ``O((out + in) R^2)``, never a dense update. As in the engine, the tall
+    Gram products and the back-projection run in float32 (float64 when an input is float64) and
+    the small decompositions in float64.
 
     Example:
         >>> import torch
@@ -212,11 +235,11 @@ def core_space(terms: Sequence[Term], n_tasks: int, device: torch.device | None 
     """
     from lorakit.lowrank.factored import gram_products
 
-    work = torch.float64
     dev = device or torch.device("cpu")
-    b = torch.cat([t.module.up_matrix(work).to(dev) for t in terms], dim=1)  # (out, R)
-    a = torch.cat([t.module.down_matrix(work).to(dev) for t in terms], dim=0)  # (R, in)
+    work = torch.float64 if any(t.module.dtype == torch.float64 for t in terms) else torch.float32
+    b, a = _stacked(terms, work, dev)  # (out, R), (R, in)
     gb, ga = gram_products(b[None], a[None])  # (1, R, R) each
+    del b, a
     ib, rb = _basis_maps(gb[0])  # U_B = b ib, U_B^T b = rb (R_B, R)
     ia, ra = _basis_maps(ga[0])  # V_A = a^T ia, a V_A = ra^T (R, R_A)
     cores = torch.zeros(n_tasks, rb.shape[0], ra.shape[0], dtype=torch.float64, device=dev)
@@ -225,4 +248,4 @@ def core_space(terms: Sequence[Term], n_tasks: int, device: torch.device | None 
         r = t.module.rank
         cores[t.index] += t.coeff * (rb[:, col:col + r] @ ra[:, col:col + r].T)  # (R_B, R_A)
         col += r
-    return CoreSpace(b, a, ib, ia, cores)
+    return CoreSpace(list(terms), ib, ia, cores, dev)

@@ -84,7 +84,7 @@ def _project(aligned: dict[str, list[Term]], ctx: MergeContext, space: Space):
             out[key] = (cs, cs.cores)
         else:
             u, s, v = aligned_blocks(terms, n, dev)
-            out[key] = ((u, s), v)
+            out[key] = (_KnotsBasis(u, s), v)
     return out
 
 
@@ -107,26 +107,35 @@ def stack_merge(aligned: dict[str, list[Term]], ctx: MergeContext, rule, lam: fl
         shared = cutter.cuts_from([torch.cat([v[i].abs().reshape(-1).cpu()
                                               for _, v in blocks.values()]) for i in range(n)])
     gen = torch.Generator().manual_seed(ctx.seed)
-    svds = {}
+    smalls = {}
     for key, (basis, stack) in blocks.items():
         cuts = shared if shared is not None else (cutter.cuts(stack) if cutter else None)
         fn = rule(key) if keyed else rule
         merged = fn(stack.clone(), cuts, gen) * lam  # (p, q)
-        svds[key] = _factors(space, basis, merged, ctx)
+        smalls[key] = basis.svd(merged)  # small (core) or already tall (knots)
     likes = {k: t[0].module for k, t in aligned.items()}
-    ranks = choose_ranks({k: v[1].cpu() for k, v in svds.items()}, likes, ctx.policy)
-    return {k: module_from_svd(u[:, :ranks[k]].cpu(), s[:ranks[k]].cpu(), vh[:ranks[k]].cpu(),
-                               likes[k], ctx.out_dtype(aligned[k]))
-            for k, (u, s, vh) in svds.items()}
+    ranks = choose_ranks({k: v[1].cpu() for k, v in smalls.items()}, likes, ctx.policy)
+    out = {}
+    for key, small in smalls.items():  # only the kept rank is ever projected back
+        u, s, vh = blocks[key][0].back_project(small, ranks[key])
+        out[key] = module_from_svd(u.cpu(), s.cpu(), vh.cpu(), likes[key],
+                                   ctx.out_dtype(aligned[key]))
+    return out
 
 
-def _factors(space: Space, basis, merged: torch.Tensor, ctx: MergeContext):
-    """``(U, S, Vh)`` of the merged update (all of its numerical rank)."""
-    if space is Space.CORE:
-        u, s, vh = basis.factors(merged)
-        return u, s, vh
-    from lorakit.lowrank import factored_svd
+class _KnotsBasis:
+    """The KnOTS side of :func:`stack_merge`: ``update = (U S) @ merged``, its SVD through the
+    engine (:func:`lorakit.lowrank.factored_svd`)."""
 
-    u, s = basis
-    sv = factored_svd([u * s], [merged], device=merged.device)
-    return sv.U, sv.S, sv.Vh
+    def __init__(self, u: torch.Tensor, s: torch.Tensor) -> None:
+        self.left = u * s  # (out, p)
+
+    def svd(self, merged: torch.Tensor):
+        from lorakit.lowrank import factored_svd
+
+        sv = factored_svd([self.left], [merged], device=merged.device)
+        return sv.U, sv.S, sv.Vh
+
+    def back_project(self, small, rank: int):
+        u, s, vh = small
+        return u[:, :rank], s[:rank], vh[:rank]
