@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--core-only", action="store_true",
+                    help="Only the in-process svd merge against the Core Space merges.")
     ap.add_argument("--skip-ties-full", action="store_true",
                     help="Time lorakit's ties on 4 layers and extrapolate (faster run).")
     args = ap.parse_args()
@@ -143,6 +145,12 @@ def main() -> None:
     core_ties()
     t_bare, t_svd, t_core_ties, t_iso, t_tsv = interleaved_best(
         [bare, ours_svd, core_ties, ours_core("iso_c"), ours_core("tsv")], args.repeat)
+    if args.core_only:
+        print(f"bare load 4 + save 1 {t_bare:.3f} s; svd merge {t_svd:.3f} s; "
+              f"ties --space core {t_core_ties:.3f} s ({t_core_ties / t_svd:.2f}x svd, target "
+              f"<= 3); iso_c {t_iso:.3f} s ({t_iso / t_svd:.2f}x); tsv {t_tsv:.3f} s "
+              f"({t_tsv / t_svd:.2f}x)")
+        return
     py = sys.executable
     bare_cmd = [py, "-c", "import torch; from safetensors.torch import load_file, save_file; "
                 f"sds = [load_file(w) for w in {weights!r}]; "
