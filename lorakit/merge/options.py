@@ -387,18 +387,19 @@ class TsvOptions:
 @dataclass(frozen=True)
 class IsoCOptions:
     """Iso-C: the task sum with its spectrum flattened to the mean singular value, times
-    ``alpha``."""
+    ``alpha`` (default 1.5, best on the zoo's quality benchmark, see :mod:`lorakit.merge.iso_c`)."""
 
-    alpha: float = 1.0
+    alpha: float = 1.5
 
 
 @dataclass(frozen=True)
 class IsoCtsOptions:
     """Iso-CTS: the top ``common_fraction`` of the core dimension from the task sum, the rest
-    shared out to task-specific directions; orthogonalised, flattened, times ``alpha``."""
+    shared out to task-specific directions; orthogonalised, flattened, times ``alpha`` (default
+    1.5 from the zoo's quality benchmark, see :mod:`lorakit.merge.iso_cts`)."""
 
     common_fraction: float = 0.8
-    alpha: float = 1.0
+    alpha: float = 1.5
 
     def __post_init__(self) -> None:
         _check_fraction("common_fraction", self.common_fraction)
@@ -407,10 +408,11 @@ class IsoCtsOptions:
 @dataclass(frozen=True)
 class CartOptions:
     """CART: the task mean plus ``lam`` times each task's centred residual cut to rank
-    ``ceil(rank_fraction * R)`` (``R``: the core dimension)."""
+    ``ceil(rank_fraction * R)`` (``R``: the core dimension); ``lam`` defaults to 1.5 from the
+    zoo's quality benchmark (see :mod:`lorakit.merge.cart`)."""
 
     rank_fraction: float = 0.1
-    lam: float = 1.0
+    lam: float = 1.5
 
     def __post_init__(self) -> None:
         _check_fraction("rank_fraction", self.rank_fraction)

@@ -245,7 +245,7 @@ def _np_cart(tau, frac, lam):
     ("tsv", {}, lambda t: _np_tsv(t, 1 / 3, 0.3)),
     ("iso_c", {"alpha": 1.3}, lambda t: _np_iso_c(t, 1.3)),
     ("iso_cts", {"common_fraction": 0.5, "alpha": 1.0}, lambda t: _np_iso_cts(t, 0.5, 1.0)),
-    ("iso_cts", {}, lambda t: _np_iso_cts(t, 0.8, 1.0)),
+    ("iso_cts", {}, lambda t: _np_iso_cts(t, 0.8, 1.5)),
     ("cart", {"rank_fraction": 0.2, "lam": 0.7}, lambda t: _np_cart(t, 0.2, 0.7)),
 ])
 def test_subspace_rule_matches_dense_numpy(ranks, method, opts, ref):
