@@ -27,14 +27,13 @@ Reference: Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language
 (RegMean), ICLR 2023.
 
 Defaults from ``bench/quality.py`` on the six zoo adapters (SmolLM2-135M, 64 train prompts per
-task, rank 16 output; mean normalised score, 0 = base model, 1 = each task's own adapter). The
-sweep runs before the full run (``bench/results/quality.md`` has the final table): shrink 0.1:
-0.65, 0.5: 0.72, 0.9: 0.78, 0.95: 0.79, 1.0: 0.81, so ``shrink=1`` (plain RegMean; the issue's
-prototype preferred 0.5 on other adapters); ``activations=own`` 0.71 (shrink 0.5) / 0.73 (0.9),
-below base activations; ``gram_scale=mean`` helps add and reverse but costs the
-language-modelling tasks (0.71 at 0.5, 0.76 at 0.9); ``missing=skip`` 0.65 (add's MLP update,
-kept whole, hurts the other tasks); full rank 0.72 against 0.72 at rank 16 (shrink 0.5): the
-rank-16 truncation costs nothing.
+task, rank 16 output; mean normalised score, 0 = base model, 1 = each task's own adapter;
+``bench/results/quality.md``): shrink 1.0: 0.81, 0.9: 0.78, 0.5: 0.72, 0.1: 0.65 (0.95: 0.79 in
+an earlier sweep), so ``shrink=1`` (plain RegMean; the issue's prototype preferred 0.5 on other
+adapters); ``activations=own`` 0.70, below the base model's activations; ``gram_scale=mean``
+0.74 (helps nothing here: add and reverse equal, the language-modelling tasks lose);
+``missing=skip`` 0.67 (add's MLP update, kept whole, costs the other tasks); the full-rank
+output 0.80 against 0.81 at rank 16: the truncation costs nothing.
 
 Example:
     >>> lorakit.merge([a, b], "regmean", model="smollm2_dir",
