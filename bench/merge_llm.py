@@ -7,6 +7,9 @@ Prints, from one run (page cache warm):
     module per shape and extrapolated, and the speed-up;
   * lorakit ``ties`` (dense per module, randomized SVD) against PEFT's ``ties_svd`` route (dense
     trim/elect/merge + full SVD), extrapolated the same way;
+  * lorakit ``ties --space core`` (Core Space: the cores of the stacked factors, never dense) and
+    ``iso_c`` / ``tsv`` (always in Core Space) in process incl. I/O, timed in the same rounds as
+    the ``svd`` merge (issue 14 target: core-space ties <= 3x svd);
   * peak RSS of each command.
 
 Targets (issue 4): svd >= 200x faster than dense; command <= 1.5x the whole-process bare
@@ -103,6 +106,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--core-only", action="store_true",
+                    help="Only the in-process svd merge against the Core Space merges.")
     ap.add_argument("--skip-ties-full", action="store_true",
                     help="Time lorakit's ties on 4 layers and extrapolate (faster run).")
     args = ap.parse_args()
@@ -126,9 +131,26 @@ def main() -> None:
         merged = lorakit.merge(ads, "svd", policy=RankPolicy.fixed(OUT_RANK), device=args.device)
         lorakit.save(merged, tmp / "svd_out", force=True)
 
+    def ours_core(method: str, **kw):
+        def run() -> None:
+            ads = [lorakit.load(f) for f in folders]
+            merged = lorakit.merge(ads, method, policy=RankPolicy.fixed(OUT_RANK),
+                                   device=args.device, **kw)
+            lorakit.save(merged, tmp / f"{method}_core_out", force=True)
+        return run
+
+    core_ties = ours_core("ties", space="core", density=0.2)
     bare()
     ours_svd()
-    t_bare, t_svd = interleaved_best([bare, ours_svd], args.repeat)
+    core_ties()
+    t_bare, t_svd, t_core_ties, t_iso, t_tsv = interleaved_best(
+        [bare, ours_svd, core_ties, ours_core("iso_c"), ours_core("tsv")], args.repeat)
+    if args.core_only:
+        print(f"bare load 4 + save 1 {t_bare:.3f} s; svd merge {t_svd:.3f} s; "
+              f"ties --space core {t_core_ties:.3f} s ({t_core_ties / t_svd:.2f}x svd, target "
+              f"<= 3); iso_c {t_iso:.3f} s ({t_iso / t_svd:.2f}x); tsv {t_tsv:.3f} s "
+              f"({t_tsv / t_svd:.2f}x)")
+        return
     py = sys.executable
     bare_cmd = [py, "-c", "import torch; from safetensors.torch import load_file, save_file; "
                 f"sds = [load_file(w) for w in {weights!r}]; "
@@ -174,6 +196,10 @@ def main() -> None:
         (f"lorakit ties {ties_note}", f"{t_ties:.1f} s"),
         ("dense ties_svd route (PEFT), extrapolated", f"{d_ties:.1f} s"),
         ("ties speed-up vs dense (target > 1)", f"{d_ties / t_ties:.1f}x"),
+        ("lorakit ties --space core (in process, incl. I/O)", f"{t_core_ties:.3f} s"),
+        ("ratio core-space ties / svd merge (target <= 3)", f"{t_core_ties / t_svd:.2f}x"),
+        ("lorakit iso_c / tsv (Core Space, in process, incl. I/O)",
+         f"{t_iso:.3f} s / {t_tsv:.3f} s"),
         ("peak RSS: svd merge command", f"{rss_svd / 2**20:.0f} MiB (inputs {size / 2**20:.0f})"),
         ("peak RSS: ties merge of one layer (bounded per module)",
          f"{rss_ties_one_layer / 2**20:.0f} MiB"),

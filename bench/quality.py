@@ -93,7 +93,9 @@ def merge_configs(quick: bool = False) -> list[MergeConfig]:
         return [MergeConfig("linear", "linear"), MergeConfig("svd r16", "svd"),
                 MergeConfig("ties d=0.2", "ties", {"density": 0.2}),
                 MergeConfig("lego (default)", "lego"),
-                MergeConfig("knots d=0.2", "knots", {"density": 0.2})]
+                MergeConfig("knots d=0.2", "knots", {"density": 0.2}),
+                MergeConfig("cart lam=1.5", "cart", {"lam": 1.5}),
+                MergeConfig("regmean r16", "regmean", rank=16)]
     return [
         MergeConfig("linear (sum)", "linear"),
         MergeConfig("linear (mean)", "linear", weight=1 / 6),
@@ -121,6 +123,49 @@ def merge_configs(quick: bool = False) -> list[MergeConfig]:
         MergeConfig("knots d=0.5", "knots", {"density": 0.5}),
         MergeConfig("knots d=0.2 lam=1.5", "knots", {"density": 0.2, "lam": 1.5}),
         MergeConfig("knots sum", "knots", {"merge": "sum", "density": 1.0}),
+        *rules_2025_configs(),
+        *regmean_configs(),
+    ]
+
+
+def rules_2025_configs() -> list[MergeConfig]:
+    """The 2025 data-free rules (defaults first, then the papers' scale where it differs and a
+    step around the default) and the entry-wise rules in KnOTS / Core Space (issue 14)."""
+    return [
+        MergeConfig("tsv (alpha=0.3)", "tsv"),
+        MergeConfig("tsv alpha=1 (paper)", "tsv", {"alpha": 1.0}),
+        MergeConfig("tsv alpha=0.2", "tsv", {"alpha": 0.2}),
+        MergeConfig("iso_c (alpha=1)", "iso_c", {"alpha": 1.0}),
+        MergeConfig("iso_c alpha=1.5", "iso_c", {"alpha": 1.5}),
+        MergeConfig("iso_cts (alpha=1)", "iso_cts", {"alpha": 1.0}),
+        MergeConfig("iso_cts alpha=1.5", "iso_cts", {"alpha": 1.5}),
+        MergeConfig("cart (rank 0.1, lam=1)", "cart", {"lam": 1.0}),
+        MergeConfig("cart rank 0.2", "cart", {"rank_fraction": 0.2, "lam": 1.0}),
+        MergeConfig("cart lam=1.5", "cart", {"lam": 1.5}),
+        MergeConfig("breadcrumbs (lam=0.3)", "breadcrumbs"),
+        MergeConfig("breadcrumbs lam=1 (paper)", "breadcrumbs", {"lam": 1.0}),
+        MergeConfig("della (lam=0.5)", "della"),
+        MergeConfig("ties core d=0.2 lam=0.5", "ties",
+                    {"density": 0.2, "space": "core", "lam": 0.5}),
+        MergeConfig("ties knots d=0.2 lam=0.5", "ties",
+                    {"density": 0.2, "space": "knots", "lam": 0.5}),
+        MergeConfig("dare_ties core d=0.5 lam=0.5", "dare_ties",
+                    {"density": 0.5, "space": "core", "lam": 0.5}),
+    ]
+
+
+def regmean_configs() -> list[MergeConfig]:
+    """RegMean (rank 16 output) with its defaults (shrink 1) and a sweep of shrink, activations,
+    the Gram scale and modules only some adapters have."""
+    return [
+        MergeConfig("regmean r16", "regmean", rank=16),
+        MergeConfig("regmean r16 shrink=0.9", "regmean", {"shrink": 0.9}, rank=16),
+        MergeConfig("regmean r16 shrink=0.5", "regmean", {"shrink": 0.5}, rank=16),
+        MergeConfig("regmean r16 shrink=0.1", "regmean", {"shrink": 0.1}, rank=16),
+        MergeConfig("regmean r16 own", "regmean", {"activations": "own"}, rank=16),
+        MergeConfig("regmean r16 gram mean", "regmean", {"gram_scale": "mean"}, rank=16),
+        MergeConfig("regmean r16 missing=skip", "regmean", {"missing": "skip"}, rank=16),
+        MergeConfig("regmean (full rank)", "regmean"),
     ]
 
 
@@ -208,10 +253,26 @@ class Row:
 # Part 1: merges
 
 
+def calibration_prompts(tasks: Mapping[str, Task], n: int) -> list[list[str]]:
+    """The first ``n`` unlabelled prompts of each task's TRAIN split (never the test split), as
+    the adapter read them in training: the prompt for exact-match tasks, the passage for
+    language modelling (whose prompt is empty)."""
+    return [[t.prompt(x) if t.higher_is_better else y for x, y in t.train[:n]]
+            for t in tasks.values()]
+
+
 def run_merges(model: Any, tok: Any, tasks: Mapping[str, Task], adapters: Mapping[str, Adapter],
                configs: Sequence[MergeConfig], limits: Mapping[str, int | None],
-               log: Log = print, seed: int = 0) -> dict[str, Any]:
-    """Base and single-adapter bounds, then every merge config, scored on every task."""
+               log: Log = print, seed: int = 0, calib_n: int = 64,
+               grams: Path | None = None) -> dict[str, Any]:
+    """Base and single-adapter bounds, then every merge config, scored on every task.
+
+    Calibrated methods (``regmean``) get the scoring model itself and ``calib_n`` train prompts
+    per task; their Grams are cached in ``grams`` so a sweep captures each set once (the first
+    config's time includes the capture)."""
+    from lorakit.merge.registry import get_method
+
+    calibration = calibration_prompts(tasks, calib_n)
     names = list(tasks)
     t0 = time.perf_counter()
     base = score_tasks(model, tok, tasks, None, limits)
@@ -226,10 +287,13 @@ def run_merges(model: Any, tok: Any, tasks: Mapping[str, Task], adapters: Mappin
     order = [adapters[n] for n in names]
     for cfg in configs:
         t = time.perf_counter()
+        extra = {}
+        if get_method(cfg.method).calibrated:
+            extra = {"model": (model, tok), "calibration": calibration, "grams": grams}
         try:
             merged = lorakit.merge(order, cfg.method, weights=[cfg.weight] * len(order),
                                    policy=cfg.policy(), seed=seed, dtype=torch.float32,
-                                   **cfg.options)
+                                   **extra, **cfg.options)
         except lorakit.LorakitError as exc:  # reported in the table, not hidden
             rows.append(Row(cfg.label, {}, {}, note=f"error: {exc}"))
             log(f"{cfg.label}: error: {exc}")
@@ -529,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stem", default=None, help="report file name stem")
     p.add_argument("--exact-limit", type=int, default=None, help="test examples per exact task")
     p.add_argument("--lm-limit", type=int, default=None, help="test passages per LM task")
+    p.add_argument("--calib", type=int, default=64, help="train prompts per task for "
+                   "calibrated merges (regmean)")
+    p.add_argument("--grams", type=Path, default=None, help="Gram cache folder (default: a "
+                   "temporary folder for this run)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(args.threads)
@@ -547,7 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     adapters = load_zoo(TASK_NAMES)
     log = lambda s: print(s, flush=True)  # noqa: E731
     configs = select_configs(args.only, args.quick) if args.only else merge_configs(args.quick)
-    merges = run_merges(model, tok, tasks, adapters, configs, limits, log)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lorakit-quality-grams-") as tmp:
+        merges = run_merges(model, tok, tasks, adapters, configs, limits, log,
+                            calib_n=args.calib, grams=args.grams or Path(tmp))
     ranks = [4] if args.quick else [8, 4, 2]
     comp_tasks = {n: tasks[n] for n in (["capital", "date"] if args.quick else TASK_NAMES)}
     points = [] if args.no_compression else run_compression(

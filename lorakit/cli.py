@@ -445,14 +445,28 @@ def resize_cmd(sources: tuple[str, ...], out: str, to: str | None, device: str,
 @click.option("--option", "method_options", multiple=True, metavar="NAME=VALUE",
               help="A method option, e.g. --option density=0.2 (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods.")
+@click.option("--space", type=click.Choice(["full", "knots", "core"]), default=None,
+              help="Where entry-wise rules (ties, dare_*, magnitude_prune, breadcrumbs, della) "
+              "act: full updates (default), KnOTS or Core Space coefficients.")
+@click.option("--model", "model", default=None, metavar="DIR|FILE.gguf|ORG/NAME",
+              help="Base model for calibrated methods (regmean).")
+@click.option("--calibration", default=None, metavar="FILES|DIR",
+              help="regmean: prompts per adapter, FILE,FILE,... aligned with the sources "
+              "(.jsonl text fields or one prompt per line), or a folder with one file per "
+              "adapter name.")
+@click.option("--grams", default=None, metavar="DIR", help="regmean: cache the captured Gram "
+              "matrices here (re-merging reads them and runs no model).")
 @rank_policy_options
 @device_option
 @common_write_options
 def merge_cmd(sources: tuple[str, ...], method: str, weights: str | None, out: str,
               to: str | None, intersect: bool, extras: str, method_options: tuple[str, ...],
-              seed: int, device: str, force: bool, dtype: str | None, quiet: bool,
+              seed: int, space: str | None, model: str | None, calibration: str | None,
+              grams: str | None, device: str, force: bool, dtype: str | None, quiet: bool,
               as_json: bool, **policy_kw: Any) -> None:
-    """Merge adapters into one on the full update sum_i w_i * scale_i * B_i @ A_i."""
+    """Merge adapters into one on the full update sum_i w_i * scale_i * B_i @ A_i.
+
+    regmean also takes --model and --calibration (and --grams DIR to cache the Grams)."""
     from lorakit.api import load, save
     from lorakit.merge import merge
     from lorakit.report import dumps
@@ -463,11 +477,17 @@ def merge_cmd(sources: tuple[str, ...], method: str, weights: str | None, out: s
         raise click.BadParameter("merge needs at least two sources")
     policy = policy_from(policy_kw, default_required=False)
     values = dict(_parse_option(o) for o in method_options)
+    if space is not None:
+        values["space"] = space
+    calibrated = {"model": model, "calibration": calibration, "grams": grams}
     adapters = [load(s) for s in sources]
+    progress = None if quiet or as_json or not sys.stderr.isatty() else _progress_cb()
     merged = merge(adapters, method, weights, policy=policy, intersect=intersect,
-                   extras=extras, device=device, seed=seed, **values)
+                   extras=extras, device=device, seed=seed, progress=progress,
+                   **{k: v for k, v in calibrated.items() if v is not None}, **values)
     prov = provenance(list(sources))
-    prov.update({"method": method, "weights": weights, "options": values})
+    prov.update({"method": method, "weights": weights, "options": values,
+                 **{k: v for k, v in calibrated.items() if v is not None}})
     written = save(merged, out, to, force=force, dtype=parse_dtype(dtype), provenance=prov)
     result = {"sources": list(sources), "method": method, "output": str(written),
               "modules": len(merged.modules),

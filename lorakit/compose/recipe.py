@@ -38,7 +38,8 @@ Step kinds and their fields (``*`` required; the names and values are the CLI's)
 ========  ==================================================================================
 load      source*, format
 pull      source* (``hf://...``), format
-merge     inputs*, method*, weights, options, intersect, extras, seed, device, RANK-POLICY
+merge     inputs*, method*, weights, options, intersect, extras, seed, device, RANK-POLICY,
+          model, calibration, grams (regmean; local paths relative to the recipe)
 resize    input*, RANK-POLICY*, device
 squeeze   input*, RANK-POLICY*, method, oversample, n_iter, seed, device
 convert   input*, to*, component
@@ -294,7 +295,8 @@ SCHEMA: dict[StepKind, dict[str, Callable[[Any], Any]]] = {
     StepKind.PULL: {"source": _str, "format": _choice(FORMATS)},
     StepKind.MERGE: {"inputs": _names, "method": _str, "weights": _weights, "options": _mapping,
                      "intersect": _bool, "extras": _choice(("error", "first", "drop")),
-                     "seed": _int(0), "device": _DEVICE, **_POLICY},
+                     "seed": _int(0), "device": _DEVICE, **_POLICY,
+                     "model": _str, "calibration": _str, "grams": _str},
     StepKind.RESIZE: {"input": _str, "device": _DEVICE, **_POLICY},
     StepKind.SQUEEZE: {"input": _str, "method": _choice(("auto", "exact", "randomized")),
                        "oversample": _int(0), "n_iter": _int(0), "seed": _int(0),
@@ -652,6 +654,9 @@ def _check_step(recipe: Recipe, step: Step, produced: dict[str, Step], all_names
         _check_policy(step, problems, required=kind in NEEDS_POLICY)
     if kind is StepKind.MERGE:
         _check_merge(step, problems)
+        for key in ("model", "calibration", "grams"):  # regmean's paths, relative to the recipe
+            if key in step.args and _local(recipe, step.args[key]).exists():
+                step.args[key] = str(_local(recipe, step.args[key]))
     if kind is StepKind.COMPOSE:
         _check_units(step, problems)
     if kind is StepKind.SAVE and "output" in step.args:

@@ -234,7 +234,8 @@ def _adapter_step(step: Step, values: dict[str, Value], device: str | None) -> V
         merged = merge([v.adapter for v in ins], a["method"], a.get("weights"),
                        options=step.options, policy=step.policy,
                        intersect=a.get("intersect", False), extras=a.get("extras", "error"),
-                       device=_device(step, device), seed=a.get("seed", 0))
+                       device=_device(step, device), seed=a.get("seed", 0),
+                       **{k: a[k] for k in ("model", "calibration", "grams") if k in a})
         return Value(step, merged, first.fmt, sources)
     if kind is StepKind.RESIZE:
         from lorakit.compress.resize import resize

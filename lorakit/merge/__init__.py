@@ -11,6 +11,7 @@ import sys
 import types
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,13 +31,20 @@ def merge(adapters: Sequence[Adapter], method: str = "linear",
           policy: RankPolicy | None = None, intersect: bool = False,
           extras: ExtrasPolicy | str = ExtrasPolicy.ERROR, device: str = "auto",
           dtype: torch.dtype | None = None, seed: int = 0, progress=None,
+          model: Any = None, calibration: Any = None, grams: str | Path | None = None,
           **option_values: Any) -> Adapter:
     """Merge ``adapters`` with a registered method; returns a new Adapter (inputs untouched).
 
     ``options`` is the method's options dataclass; keyword arguments set its fields instead.
+    Calibrated methods (``regmean``) also take ``model`` (a model folder, ``.gguf`` file, Hub id,
+    or a loaded ``(model, tokenizer)`` pair), ``calibration`` (prompts per adapter: lists of
+    texts, files, ``"a.jsonl,b.txt"`` or a folder; :mod:`lorakit.calibrate.data`) and ``grams``
+    (a cache folder for the captured Grams, :mod:`lorakit.calibrate`).
 
     Example:
         >>> lorakit.merge([a, b], "ties", weights=[1, 1], density=0.2)   # doctest: +SKIP
+        >>> lorakit.merge([a, b], "regmean", model="model_dir",
+        ...               calibration=["a.jsonl", "b.jsonl"], shrink=0.5)  # doctest: +SKIP
     """
     spec = get_method(method)
     if options is None:
@@ -51,8 +59,26 @@ def merge(adapters: Sequence[Adapter], method: str = "linear",
         options = spec.options(**option_values)
     ws = parse_weights(weights, len(adapters))
     aligned = align(adapters, ws, intersect=intersect, method=method)
-    ctx = MergeContext(policy=policy, device=device, dtype=dtype, seed=seed, progress=progress)
-    modules = spec.fn(aligned, options, ctx)
+    ctx = MergeContext(policy=policy, device=device, dtype=dtype, seed=seed, progress=progress,
+                       weights=ws)
+    if not spec.calibrated and (model is not None or calibration is not None or grams is not None):
+        raise OptionError(f"method {method} takes no model, calibration or grams (only "
+                          f"{', '.join(n for n, m in METHODS.items() if m.calibrated)} do)",
+                          key="model")
+    spill = None
+    try:
+        if spec.calibrated:
+            from lorakit.calibrate import prepare_grams
+
+            ctx.grams, spill = prepare_grams(adapters, model, calibration, grams,
+                                             options.capture(), list(aligned),
+                                             options.max_prompts, progress)
+        modules = spec.fn(aligned, options, ctx)
+    finally:
+        if spill is not None:
+            from lorakit.calibrate import remove_spill
+
+            remove_spill(spill)
     first = adapters[0]
     out = first.copy(modules=modules, extras=merge_extras(adapters, ExtrasPolicy(extras)))
     out.metadata = {}

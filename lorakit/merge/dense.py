@@ -1,15 +1,17 @@
-"""The dense route for element-wise methods (TIES, DARE, magnitude pruning).
+"""The dense route (``space=full``) for element-wise rules (TIES, DARE, magnitude pruning,
+Breadcrumbs, DELLA: :mod:`lorakit.merge.rules`).
 
 These methods act on the entries of each task's full update ``tau_i = w_i s_i B_i A_i``. Per
-module, lorakit (1) finds each task's magnitude threshold (one task's dense update at a time, or
-one threshold over all of a task's modules with ``scope=global``), (2) rebuilds the tasks' updates
+module, lorakit (1) finds each task's magnitude cuts (one task's dense update at a time, or
+over all of a task's modules with ``scope=global``), (2) rebuilds the tasks' updates
 block of rows by block of rows from the factors, combines each block into the merged matrix
 ``M (out, in*k)``, and (3) returns ``M`` to low rank by the engine's seeded randomized SVD and the
 rank policy (default: the largest input rank, as PEFT's ``ties_svd``). Peak memory is about two
 dense ``out x in`` float32 matrices, whatever the number of tasks.
 
-DARE's keep-mask is drawn from one seeded generator, block by block in row order (a module small
-enough to fit one block draws exactly ``torch.rand((n_tasks, out, in))``).
+DARE's and DELLA's keep draws come from one seeded generator, block by block in row order (a
+module small enough to fit one block draws exactly ``torch.rand((n_tasks, out, in))``); blocks
+hold whole rows, so DELLA ranks each row in full.
 
 With ``scope=global`` the threshold of each task is taken over all its modules: exactly when the
 task has at most ``GLOBAL_SAMPLE`` entries in all, otherwise estimated from a seeded uniform
@@ -29,12 +31,11 @@ from lorakit.adapter import LoraModule
 from lorakit.merge.align import Term
 from lorakit.merge.build import module_from_svd
 from lorakit.merge.options import MergeContext
-from lorakit.merge.sparsify import kth_largest
 
 GLOBAL_SAMPLE = 1 << 22
 BLOCK_ELEMENTS = 1 << 23  # entries of (n_tasks, rows, in) per block
-# combine(tau_block (n, rows, in), thresholds (n,) or None, generator) -> (rows, in)
-Combine = Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
+# combine(tau_block (n, rows, in), cuts (rules.Cuts) or None, generator) -> (rows, in)
+Combine = Callable[[torch.Tensor, object, torch.Generator], torch.Tensor]
 
 
 def _factors(terms: Sequence[Term], device: torch.device):
@@ -56,24 +57,22 @@ def dense_updates(terms: Sequence[Term], n_tasks: int, device: torch.device,
     return tau
 
 
-def task_thresholds(terms: Sequence[Term], n_tasks: int, density: float,
-                    device: torch.device) -> torch.Tensor:
-    """Per task, the magnitude of its ``density * numel``-th largest entry in this module."""
-    out = torch.full((n_tasks,), float("inf"), dtype=torch.float32)
-    for idx, b, a in _factors(terms, device):
-        mag = (b @ a).abs_().reshape(-1)  # one task's dense update at a time
-        k = int(round(density * mag.numel()))
-        if k >= mag.numel():
-            out[idx] = 0.0
-        elif k > 0:
-            out[idx] = float(kth_largest(mag, k))
-        del mag
-    return out
+def task_magnitudes(terms: Sequence[Term], n_tasks: int, device: torch.device):
+    """Each task's flat ``|tau_i|`` for this module, one dense update at a time (a generator;
+    an empty tensor for a task without the module, whose update is zero)."""
+    by_task = {idx: (b, a) for idx, b, a in _factors(terms, device)}
+    for i in range(n_tasks):
+        if i in by_task:
+            b, a = by_task[i]
+            yield (b @ a).abs_().reshape(-1)
+        else:
+            yield torch.zeros(0, device=device)
 
 
-def global_thresholds(aligned: dict[str, list[Term]], n_tasks: int, density: float,
-                      device: torch.device, seed: int) -> torch.Tensor:
-    """Per-task magnitude threshold over all modules (exact or sampled, see module docs)."""
+def global_samples(aligned: dict[str, list[Term]], n_tasks: int, device: torch.device,
+                   seed: int) -> list[torch.Tensor]:
+    """Per task, its magnitudes over all modules: all of them when a task has at most
+    ``GLOBAL_SAMPLE`` entries, else a seeded uniform sample of that many (see module docs)."""
     g = torch.Generator().manual_seed(seed)
     total = sum(terms[0].module.out_features * terms[0].module.down_matrix().shape[1]
                 for terms in aligned.values())
@@ -89,25 +88,11 @@ def global_thresholds(aligned: dict[str, list[Term]], n_tasks: int, density: flo
         for idx in set(range(n_tasks)) - present:  # a missing module is zeros for that task
             n = numel if keep is None else int(keep.sum())
             samples[idx].append(torch.zeros(n))
-    out = torch.full((n_tasks,), float("inf"), dtype=torch.float32)
-    for i in range(n_tasks):
-        v = torch.cat(samples[i])
-        k = int(round(density * v.numel()))
-        if k >= v.numel():
-            out[i] = 0.0
-        elif k > 0:
-            out[i] = float(kth_largest(v, k))
-    return out
-
-
-def apply_thresholds(tau: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
-    """Zero the entries of ``tau (n, rows, in)`` below each task's threshold ``th (n,)``."""
-    keep = tau.abs() >= th.to(tau.device).reshape(-1, 1, 1)
-    return tau.mul_(keep)
+    return [torch.cat(s) for s in samples]
 
 
 def dense_merge(aligned: dict[str, list[Term]], ctx: MergeContext, combine: Combine,
-                lam: float = 1.0, thresholds: Callable[[str, list[Term]], torch.Tensor | None]
+                lam: float = 1.0, thresholds: Callable[[str, list[Term]], object]
                 | None = None) -> dict[str, LoraModule]:
     """Blockwise ``combine`` per module, then back to low rank (see the module docstring)."""
     from lorakit.lowrank.device import resolve_device

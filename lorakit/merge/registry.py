@@ -17,15 +17,22 @@ from dataclasses import dataclass
 
 from lorakit.errors import OptionError
 from lorakit.merge import options as o
+from lorakit.merge.breadcrumbs import merge_breadcrumbs
+from lorakit.merge.cart import merge_cart
 from lorakit.merge.cat import merge_cat
 from lorakit.merge.dare import merge_dare_linear, merge_dare_ties
+from lorakit.merge.della import merge_della
 from lorakit.merge.factor_linear import merge_factor_linear
+from lorakit.merge.iso_c import merge_iso_c
+from lorakit.merge.iso_cts import merge_iso_cts
 from lorakit.merge.knots import merge_knots
 from lorakit.merge.lego import merge_lego
 from lorakit.merge.linear import merge_linear
 from lorakit.merge.magnitude_prune import merge_magnitude_prune
+from lorakit.merge.regmean import merge_regmean
 from lorakit.merge.svd import merge_svd
 from lorakit.merge.ties import merge_ties
+from lorakit.merge.tsv import merge_tsv
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class MethodSpec:
     reference: str
     exact: bool  # the output equals the weighted sum of updates (before any rank policy)
     summary: str
+    calibrated: bool = False  # needs a model and calibration prompts (ctx.grams)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -72,6 +80,28 @@ METHODS: dict[str, MethodSpec] = {
     "knots": MethodSpec("knots", merge_knots, o.KnotsOptions,
                         "Stoica et al., KnOTS, ICLR 2025", False,
                         "joint SVD alignment, then TIES/DARE on aligned coefficients"),
+    "breadcrumbs": MethodSpec("breadcrumbs", merge_breadcrumbs, o.BreadcrumbsOptions,
+                              "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024", False,
+                              "drop each task's outliers and smallest entries, then sum"),
+    "della": MethodSpec("della", merge_della, o.DellaOptions,
+                        "Deep et al., DELLA-Merging, 2024 (arXiv:2406.11617)", False,
+                        "magnitude-ranked drop probabilities, then TIES elect and fuse"),
+    "tsv": MethodSpec("tsv", merge_tsv, o.TsvOptions,
+                      "Gargiulo et al., Task Singular Vectors (TSV-M), CVPR 2025", False,
+                      "per-task top singular vectors, decorrelated (Procrustes), summed"),
+    "iso_c": MethodSpec("iso_c", merge_iso_c, o.IsoCOptions,
+                        "Marczak et al., No Task Left Behind (Iso-C), ICML 2025", False,
+                        "the task sum with its spectrum flattened to the mean"),
+    "iso_cts": MethodSpec("iso_cts", merge_iso_cts, o.IsoCtsOptions,
+                          "Marczak et al., No Task Left Behind (Iso-CTS), ICML 2025", False,
+                          "common + task-specific subspaces, orthogonalised, flattened"),
+    "cart": MethodSpec("cart", merge_cart, o.CartOptions,
+                       "Choi et al., Revisiting Weight Averaging (CART), 2024", False,
+                       "task mean plus low-rank centred residuals"),
+    "regmean": MethodSpec("regmean", merge_regmean, o.RegmeanOptions,
+                          "Jin et al., RegMean, ICLR 2023", False,
+                          "per-layer least squares on calibration activations (model + prompts)",
+                          calibrated=True),
 }
 
 

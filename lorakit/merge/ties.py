@@ -13,44 +13,31 @@ density 0.5: 0.06, 0.2: 0.07, 0.1: 0.17, 0.05: 0.26; with ``lam=0.5`` at 0.1: 0.
 densities mostly lose less perplexity on the two language-modelling tasks; 0.05 also drops the
 date task to 25% (0.1: 32.5%), so 0.1 is the default (``bench/results/quality*.md``).
 
+``space``: ``full`` (default, the entries of each full update), ``knots`` or ``core`` (the exact
+projections of :mod:`lorakit.merge.spaces`).
+
 Example:
     >>> lorakit.merge([a, b, c], "ties", density=0.2, sign="total")   # doctest: +SKIP
+    >>> lorakit.merge([a, b, c], "ties", space="core")                # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import torch
-
 from lorakit.adapter import LoraModule
 from lorakit.merge.align import Term
-from lorakit.merge.dense import (
-    apply_thresholds,
-    dense_merge,
-    global_thresholds,
-    task_thresholds,
-)
-from lorakit.merge.options import MergeContext, TiesOptions, TrimScope
-from lorakit.merge.sparsify import disjoint_merge, elect_sign
+from lorakit.merge.options import Consensus, MergeContext, TiesOptions
+from lorakit.merge.rules import RuleCore, Sparsify
+from lorakit.merge.spaces import rule_merge
+
+
+def ties_core(options: TiesOptions) -> RuleCore:
+    """TIES as the shared rule core: magnitude trim, sign election, disjoint merge."""
+    return RuleCore(Sparsify.MAGNITUDE, options.density,
+                    consensus=Consensus(options.sign.value), disjoint=options.disjoint)
 
 
 def merge_ties(aligned: dict[str, list[Term]], options: TiesOptions, ctx: MergeContext
                ) -> dict[str, LoraModule]:
-    """TIES per module (see the module docstring)."""
-    from lorakit.lowrank.device import resolve_device
-
-    device = resolve_device(ctx.device)
-    n = 1 + max(t.index for terms in aligned.values() for t in terms)
-    if options.scope is TrimScope.GLOBAL:
-        shared = global_thresholds(aligned, n, options.density, device, ctx.seed)
-
-        def thresholds(key, terms):
-            return shared
-    else:
-        def thresholds(key, terms):
-            return task_thresholds(terms, n, options.density, device)
-
-    def combine(tau: torch.Tensor, th, gen: torch.Generator) -> torch.Tensor:
-        trimmed = apply_thresholds(tau, th)
-        return disjoint_merge(trimmed, elect_sign(trimmed, options.sign), options.disjoint)
-
-    return dense_merge(aligned, ctx, combine, options.lam, thresholds)
+    """TIES per module in ``options.space`` (see the module docstring)."""
+    return rule_merge(aligned, ctx, ties_core(options), options.lam, options.space,
+                      options.scope)
