@@ -30,6 +30,7 @@ import torch
 
 from lorakit.adapter import Adapter
 from lorakit.errors import ConfigMismatchError, UnknownLayoutError
+from lorakit.formats import lycoris
 from lorakit.formats.common import (
     build_modules,
     cast,
@@ -39,6 +40,7 @@ from lorakit.formats.common import (
     refuse_embedding_lora,
     scalar_value,
 )
+from lorakit.formats.dora import lycoris_dora_scale
 from lorakit.io import write_safetensors
 from lorakit.naming import dotted_to_kohya, kohya_to_dotted, split_kohya_name
 
@@ -75,12 +77,15 @@ def kohya_module_key(name: str, components: bool = True) -> str:
 def load_kohya(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
                layout: str) -> Adapter:
     """Build an Adapter from a kohya state dict already read from ``path``."""
+    recorded = meta.get("lorakit.components")
+    with_comp = recorded != "[]"
+    if layout == lycoris.LAYOUT:  # hook (issue 16b): LyCORIS modules in their exact LoRA form
+        modules, names = lycoris.read_modules(tensors, path, meta, with_comp)
+        return _adapter(path, modules, names, meta, layout, with_comp)
     check_variants(list(tensors), path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     names: dict[str, str] = {}
-    recorded = meta.get("lorakit.components")
-    with_comp = recorded != "[]"
     for k, t in tensors.items():
         m = _KEY.match(k)
         if not m:
@@ -98,7 +103,12 @@ def load_kohya(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str
     stray = [k for k in alphas if k not in parts]
     if stray:
         raise ConfigMismatchError("alpha without LoRA factors", path=path, key=names[stray[0]])
-    modules = build_modules(parts, alphas, path)
+    modules = build_modules(parts, alphas, path, dora="lycoris")
+    return _adapter(path, modules, names, meta, layout, with_comp)
+
+
+def _adapter(path: Path, modules: dict, names: dict[str, str], meta: dict[str, str], layout: str,
+             with_comp: bool) -> Adapter:
     base = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
     meta = dict(meta)
     if any(n.startswith("lora_te1_") for n in names.values()):
@@ -149,8 +159,8 @@ def kohya_tensors(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, torc
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = alpha_t
-        if m.magnitude is not None:
-            out[f"{name}.dora_scale"] = cast(m.magnitude, dtype)
+        if m.magnitude is not None:  # hook (issue 16b): (out, 1) / (1, in) as LyCORIS stores it
+            out[f"{name}.dora_scale"] = cast(lycoris_dora_scale(m, key), dtype)
     if adapter.extras:
         key = next(iter(adapter.extras))
         raise ConfigMismatchError("kohya files cannot hold extra (non-LoRA) tensors", key=key,
@@ -160,6 +170,7 @@ def kohya_tensors(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, torc
 
 def kohya_metadata(adapter: Adapter, provenance: dict[str, Any] | None) -> dict[str, str]:
     meta = dict(adapter.metadata) if adapter.source_format == "kohya" else {}
+    meta = lycoris.lora_metadata(meta)  # hook (issue 16b): a LyCORIS source is written as LoRA
     ranks = [m.rank for m in adapter.modules.values()]
     alphas = [m.scale * m.rank for m in adapter.modules.values()]
     conv = [m.rank for m in adapter.modules.values() if m.kernel and m.kernel != (1, 1)]
