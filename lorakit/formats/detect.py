@@ -12,8 +12,8 @@ from pathlib import Path
 from lorakit.errors import ConfigMismatchError, InputNotFoundError, UnknownLayoutError
 from lorakit.formats import diffusers, kohya, lycoris
 from lorakit.formats.common import check_variants
-from lorakit.formats.positional import refuse_positional
 from lorakit.formats.peft import CONFIG_NAME
+from lorakit.formats.positional import refuse_positional
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 

@@ -83,7 +83,8 @@ def peft_magnitude(m: LoraModule, key: str) -> torch.Tensor:
     ``(num_embeddings,)``. A per-input (``wd_on_out=False``) scale has no PEFT form.
 
     Example:
-        >>> m = LoraModule(torch.ones(2, 3), torch.ones(4, 2), 2.0, magnitude=torch.ones(1, 3))
+        >>> m = LoraModule(torch.ones(2, 3), torch.ones(4, 2), 2.0, magnitude=torch.ones(1, 3),
+        ...                magnitude_axis=DoraAxis.IN)
         >>> peft_magnitude(m, "q")
         Traceback (most recent call last):
         ...

@@ -94,8 +94,10 @@ def kron_form(f1: Factor, f2: Factor) -> tuple[torch.Tensor, torch.Tensor]:
                 best = (r1 * r2, p1, q1, r1, p2, q2, r2)
     assert best is not None
     _, p1, q1, r1, p2, q2, r2 = best
-    left = torch.kron(_eye_or(p1, a, like), _eye_or(p2, b, like))  # (a * b, r1 * r2)
-    right = torch.kron(_eye_or(q1, c, like), _eye_or(q2, n, like))  # (r1 * r2, c * n)
+    # torch.kron views its inputs: transposed factors (a Tucker mode) are made contiguous
+    left = torch.kron(_eye_or(p1, a, like).contiguous(), _eye_or(p2, b, like).contiguous())
+    right = torch.kron(_eye_or(q1, c, like).contiguous(), _eye_or(q2, n, like).contiguous())
+    # left (a * b, r1 * r2), right (r1 * r2, c * n)
     return left, right
 
 
