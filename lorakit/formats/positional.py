@@ -37,7 +37,7 @@ def refuse_positional(keys: list[str], path: Path | str) -> None:
     clone = [k for k in keys if _CLONEOFSIMO.match(k)]
     if clone:
         raise UnknownLayoutError(
-            f"cloneofsimo lora_diffusion file with positional keys ({len(clone)} like "
+            f"cloneofsimo lora_diffusion file with positional keys ({len(clone)} tensors like "
             f"{clone[0]!r}): each pair is numbered by the order of the base model's Linear layers, "
             "which the file does not record, so its modules cannot be named", path=path,
             key=clone[0], hint="re-save it with named keys from lora_diffusion "
