@@ -58,18 +58,30 @@ class Factor:
     def factored(self) -> bool:
         return self.full is None
 
-    def forms(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
-        """The exact ``(P, Q, rank)`` writings ``P @ Q`` of this factor (None = identity)."""
+    def forms(self) -> list[tuple[str, int]]:
+        """The exact writings of this factor as ``P @ Q`` with their ranks: ``"factored"`` (the
+        file's own), ``"right_eye"`` (``W @ I_cols``) and ``"left_eye"`` (``I_rows @ W``)."""
         rows, cols = self.shape
-        w = dense(self)
-        forms: list[tuple[torch.Tensor | None, torch.Tensor | None, int]] = []
-        if self.full is None:
-            forms.append((self.left, self.right, int(self.right.shape[0])))  # type: ignore[union-attr]
-        return [*forms, (w, None, cols), (None, w, rows)]
+        forms = [("factored", int(self.right.shape[0]))] if self.full is None else []  # type: ignore[union-attr]
+        return [*forms, ("right_eye", cols), ("left_eye", rows)]
+
+    def as_product(self, form: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(P, Q)`` of one of :meth:`forms` (None stands for an identity)."""
+        if form == "factored":
+            return self.left, self.right
+        return (dense(self), None) if form == "right_eye" else (None, dense(self))
 
 
 def _eye_or(t: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.eye(n, dtype=like.dtype, device=like.device) if t is None else t
+
+
+def kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.kron`` of two matrices as one broadcast product (no per-call overhead for the
+    many small factors of a LyCORIS file): ``(m, n) x (p, q) -> (m * p, n * q)``."""
+    m, n = x.shape
+    p, q = y.shape
+    return (x[:, None, :, None] * y[None, :, None, :]).reshape(m * p, n * q)
 
 
 def kron_form(f1: Factor, f2: Factor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,17 +99,13 @@ def kron_form(f1: Factor, f2: Factor) -> tuple[torch.Tensor, torch.Tensor]:
     (a, c), (b, n) = f1.shape, f2.shape
     like = f1.full if f1.full is not None else f1.left
     assert like is not None
-    best = None
-    for p1, q1, r1 in f1.forms():
-        for p2, q2, r2 in f2.forms():
-            if best is None or r1 * r2 < best[0]:
-                best = (r1 * r2, p1, q1, r1, p2, q2, r2)
-    assert best is not None
-    _, p1, q1, r1, p2, q2, r2 = best
-    # torch.kron views its inputs: transposed factors (a Tucker mode) are made contiguous
-    left = torch.kron(_eye_or(p1, a, like).contiguous(), _eye_or(p2, b, like).contiguous())
-    right = torch.kron(_eye_or(q1, c, like).contiguous(), _eye_or(q2, n, like).contiguous())
-    # left (a * b, r1 * r2), right (r1 * r2, c * n)
+    pairs = [(r1 * r2, i, j, g1, g2) for i, (g1, r1) in enumerate(f1.forms())
+             for j, (g2, r2) in enumerate(f2.forms())]
+    _, _, _, g1, g2 = min(pairs)  # smallest rank; ties: the file's own factorisation first
+    p1, q1 = f1.as_product(g1)
+    p2, q2 = f2.as_product(g2)
+    left = kron(_eye_or(p1, a, like), _eye_or(p2, b, like))  # (a * b, r1 * r2)
+    right = kron(_eye_or(q1, c, like), _eye_or(q2, n, like))  # (r1 * r2, c * n)
     return left, right
 
 
@@ -117,9 +125,9 @@ def hadamard_form(f1: Factor, f2: Factor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"Hadamard factors differ in shape: {(out, cols)} and {(out2, cols2)}")
     if not (f1.factored and f2.factored):
         return dense_form(dense(f1) * dense(f2))
-    p1, q1, r1 = f1.forms()[0]
-    p2, q2, r2 = f2.forms()[0]
+    p1, q1, p2, q2 = f1.left, f1.right, f2.left, f2.right
     assert p1 is not None and q1 is not None and p2 is not None and q2 is not None
+    r1, r2 = int(q1.shape[0]), int(q2.shape[0])
     if r1 * r2 > min(out, cols):
         return dense_form(dense(f1) * dense(f2))
     left = (p1[:, :, None] * p2[:, None, :]).reshape(out, r1 * r2)  # (out, r1 * r2)
