@@ -210,6 +210,14 @@ def _matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _left(g: _Group, suffix: str, ndim: tuple[int, ...] = (2, 4)) -> torch.Tensor:
+    """A left (output-side) factor ``(out, r[, 1, 1])`` as a matrix; a real kernel is named."""
+    t = g.get(suffix, ndim)
+    if t.ndim == 4 and tuple(t.shape[2:]) != (1, 1):
+        raise g.mismatch(f"{suffix} must end in 1x1, got {tuple(t.shape)}", suffix)
+    return _matrix(t)
+
+
 def _loha(g: _Group) -> _Exact:
     """LoHa: ``scale * (w1a @ w1b) * (w2a @ w2b)`` (Tucker: each product rebuilt with its core)."""
     if g.has("hada_t1") != g.has("hada_t2"):
@@ -218,19 +226,19 @@ def _loha(g: _Group) -> _Exact:
     factors: list[Factor] = []
     kernel: tuple[int, ...] | None = None
     for i in (1, 2):
-        a, b = g.get(f"hada_w{i}_a", (2, 4)), g.get(f"hada_w{i}_b", (2, 4))
+        a, b = _left(g, f"hada_w{i}_a"), g.get(f"hada_w{i}_b", (2, 4))
         if g.has(f"hada_t{i}"):  # t (r, r, *k), a (r, out), b (r, in)
             t = g.get(f"hada_t{i}", (3, 4, 5))
-            if (t.shape[0], t.shape[1]) != (a.shape[0], b.shape[0]):
+            if (t.shape[0], t.shape[1]) != (a.shape[0], b.shape[0]) or b.ndim != 2:
                 raise g.mismatch("Tucker core does not fit its factors", f"hada_t{i}")
             kernel = tuple(int(s) for s in t.shape[2:])
-            factors.append(Factor(left=_matrix(a).T, right=fold_tucker(t, _matrix(b))))
+            factors.append(Factor(left=a.T, right=fold_tucker(t, b)))
         else:  # a (out, r[, 1, 1]), b (r, in * k) or (r, in, kh, kw)
             if b.ndim == 4:
                 kernel = tuple(int(s) for s in b.shape[2:])
             if a.shape[1] != b.shape[0]:
                 raise g.mismatch("factor ranks disagree", f"hada_w{i}_b")
-            factors.append(Factor(left=_matrix(a), right=_matrix(b)))
+            factors.append(Factor(left=a, right=_matrix(b)))
     if factors[0].shape != factors[1].shape:
         raise g.mismatch("the two Hadamard factors differ in shape", "hada_w2_a")
     up, down = hadamard_form(factors[0], factors[1])
@@ -290,14 +298,13 @@ def _lokr(g: _Group) -> _Exact:
 
 def _locon_tucker(g: _Group) -> _Exact:
     """LoCon with a Tucker core: ``scale * up @ fold(mid, down)``, a conv LoRA of the same rank."""
-    down = g.get("lora_down.weight", (2, 4))  # (r, in[, 1, 1])
-    up = g.get("lora_up.weight", (2, 4))  # (out, r[, 1, 1])
+    down = _left(g, "lora_down.weight")  # (r, in[, 1, 1])
+    up = _left(g, "lora_up.weight")  # (out, r[, 1, 1])
     mid = g.get("lora_mid.weight", (3, 4, 5))  # (r, r, kh, kw)
-    if (mid.shape[0], mid.shape[1]) != (up.shape[1], down.shape[0]) or down[0].numel() != (
-            down.shape[1]):
+    if (mid.shape[0], mid.shape[1]) != (up.shape[1], down.shape[0]):
         raise g.mismatch("Tucker core does not fit lora_up/lora_down", "lora_mid.weight")
-    right = fold_tucker(mid, _matrix(down))  # (r, in * kh * kw)
-    return _Exact(_matrix(up), right, g.scale(int(down.shape[0])),
+    right = fold_tucker(mid, down)  # (r, in * kh * kw)
+    return _Exact(up, right, g.scale(int(down.shape[0])),
                   tuple(int(s) for s in mid.shape[2:]), LOCON_TUCKER)
 
 
