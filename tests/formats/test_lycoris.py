@@ -362,3 +362,34 @@ def test_lycoris_inputs_are_not_modified(tmp_path):
     before = f.read_bytes()
     lorakit.save(lorakit.load(f), tmp_path / "o.safetensors", "kohya")
     assert f.read_bytes() == before
+
+
+def test_peft_applies_the_exact_forms(tmp_path):
+    """PEFT as the client: LoHa (linear) and Tucker LoKr (3x3 conv) files written as PEFT change a
+    model's outputs by exactly the LyCORIS updates (numpy, from the definitions)."""
+    peft = pytest.importorskip("peft")
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.q = torch.nn.Linear(IN, OUT)
+            self.conv = torch.nn.Conv2d(CI, CO, 3, padding=1)
+
+    mods = {"lycoris_q": CASES["loha"][1], "lycoris_conv": CASES["lokr_tucker"][1]}
+    a = lorakit.load(write(tmp_path / "l.safetensors", mods))
+    assert set(a.modules) == {"q", "conv"}
+    out = lorakit.save(a, tmp_path / "peft", "peft")
+    model = peft.PeftModel.from_pretrained(Tiny(), str(out)).eval()
+    base = Tiny().eval()
+    g = torch.Generator().manual_seed(4)
+    x, img = torch.randn(3, IN, generator=g), torch.randn(2, CI, 5, 5, generator=g)
+    dq = torch.from_numpy(ref.delta(mods["lycoris_q"], (OUT, IN))).float()
+    dc = torch.from_numpy(ref.delta(mods["lycoris_conv"], (CO, CI, *K))).float()
+    with torch.no_grad():
+        got_q = model.base_model.model.q(x)
+        got_c = model.base_model.model.conv(img)
+        want_q = base.q(x) + x @ dq.T
+        want_c = base.conv(img) + torch.nn.functional.conv2d(img, dc, padding=1)
+    assert torch.allclose(got_q, want_q, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got_c, want_c, rtol=1e-5, atol=1e-5)
