@@ -464,8 +464,13 @@ def read_lycoris(tensors: Mapping[str, torch.Tensor], path: Path | str,
     """
     groups = group_tensors(tensors, path)
     classify(list(tensors), path)
-    modules = {stem: module_from_group(stem, g, path, kernel=conv_kernel(stem, meta))
-               for stem, g in groups.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many tiny products: waking intra-op threads costs more than they do
+    try:
+        modules = {stem: module_from_group(stem, g, path, kernel=conv_kernel(stem, meta))
+                   for stem, g in groups.items()}
+    finally:
+        torch.set_num_threads(threads)
     try:
         check_finite(modules, str(path))
     except NonFiniteError:

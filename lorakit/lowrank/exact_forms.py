@@ -77,11 +77,9 @@ def _eye_or(t: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def kron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``torch.kron`` of two matrices as one broadcast product (no per-call overhead for the
-    many small factors of a LyCORIS file): ``(m, n) x (p, q) -> (m * p, n * q)``."""
-    m, n = x.shape
-    p, q = y.shape
-    return (x[:, None, :, None] * y[None, :, None, :]).reshape(m * p, n * q)
+    """``torch.kron`` of two matrices ``(m, n) x (p, q) -> (m * p, n * q)``; it views its inputs,
+    so transposed factors (a Tucker mode) are made contiguous first."""
+    return torch.kron(x.contiguous(), y.contiguous())
 
 
 def kron_form(f1: Factor, f2: Factor) -> tuple[torch.Tensor, torch.Tensor]:
