@@ -60,6 +60,16 @@ class ModuleKind(str, enum.Enum):
     EMBEDDING = "embedding"
 
 
+class DoraAxis(str, enum.Enum):
+    """Which norm a DoRA magnitude vector replaces, in lorakit's delta orientation ``(out, in)``:
+    one value per output row (PEFT ``lora_magnitude_vector`` of linear and conv layers, LyCORIS
+    ``dora_scale`` with ``wd_on_out=True``, shape ``(out, 1)``) or per input column (LyCORIS
+    ``wd_on_out=False``, shape ``(1, in)``; PEFT's embedding magnitude, one per embedding row)."""
+
+    OUT = "out"
+    IN = "in"
+
+
 @dataclass
 class LoraModule:
     """One LoRA pair with its scale conventions.
@@ -72,6 +82,11 @@ class LoraModule:
         magnitude: DoRA magnitude vector (stored as in the file), or None.
         bias: the ``lora_B`` bias (PEFT ``lora_bias=True``), ``(out,)``, or None.
         kind: linear, conv or embedding.
+        magnitude_axis: which norm ``magnitude`` replaces (:class:`DoraAxis`).
+        origin: the LyCORIS type the factors are the exact LoRA form of (``"loha"``, ``"lokr"``,
+            ``"locon-tucker"``, ``"diff"``), None for a LoRA read as such.
+        file_dtype: the dtype of the file's own tensors when the exact form is kept in a wider
+            one (products of fp16 factors are exact in float32); outputs default to it.
 
     Example:
         >>> import torch
@@ -86,6 +101,9 @@ class LoraModule:
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     kind: ModuleKind = ModuleKind.LINEAR
+    magnitude_axis: DoraAxis = DoraAxis.OUT
+    origin: str | None = None
+    file_dtype: torch.dtype | None = None
 
     @property
     def rank(self) -> int:
@@ -117,7 +135,8 @@ class LoraModule:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.down.dtype
+        """The module's own dtype: the file's (``file_dtype``) for an exact LyCORIS form."""
+        return self.file_dtype or self.down.dtype
 
     def num_params(self) -> int:
         n = self.down.numel() + self.up.numel()
@@ -332,7 +351,7 @@ class Adapter:
     def dtypes(self) -> list[str]:
         seen: list[str] = []
         for m in self.modules.values():
-            name = str(m.down.dtype).replace("torch.", "")
+            name = str(m.dtype).replace("torch.", "")
             if name not in seen:
                 seen.append(name)
         return seen

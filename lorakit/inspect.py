@@ -2,8 +2,11 @@
 
 For every module: rank, alpha, scale, parameter count, dtype, the singular values of the full
 update ``scale * B @ A`` (exact, from the factors, never the dense matrix), the effective rank
-(singular values above ``rtol * s_max``) and the energy (fraction of ``||delta||_F^2``) kept at each
-rank ``k = 1..r``.
+(singular values above ``rtol * s_max``: the update's true rank) and the energy (fraction of
+``||delta||_F^2``) kept at each rank ``k = 1..r``. A LyCORIS module (LoHa, LoKr, LoCon-Tucker, full
+diff) is inspected through its exact LoRA form: ``rank`` is that form's (LoKr ``r1 * r2``, LoHa
+``r1 * r2``, a diff ``min(out, in)``), ``effective_rank`` the true rank of the update, and
+``lycoris_type`` names the type.
 
 Example:
     >>> import torch
@@ -46,9 +49,12 @@ def module_info(key: str, m, sv: torch.Tensor | None) -> dict[str, Any]:
         "scale": m.scale,
         "rslora": m.rslora,
         "dora": m.magnitude is not None,
+        # issue 16b: the LyCORIS type the factors are the exact form of, and the DoRA axis
+        "lycoris_type": m.origin,
+        "dora_axis": m.magnitude_axis.value if m.magnitude is not None else None,
         "shape": list(m.delta_shape),
         "params": m.num_params(),
-        "dtype": str(m.down.dtype).replace("torch.", ""),
+        "dtype": str(m.dtype).replace("torch.", ""),
         "norm": total ** 0.5,
         "singular_values": s.tolist(),
         "effective_rank": eff,
@@ -98,5 +104,6 @@ def inspect_adapter(adapter: Adapter, *, spectra: bool = True,
         "coverage": cov,
         "coverage_line": coverage_line(cov) if cov is not None else None,
         "ignored_keys": ignored(adapter),
+        "lycoris_types": sorted({m.origin for m in adapter.modules.values() if m.origin}),
         "modules": mods,
     }

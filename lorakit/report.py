@@ -82,15 +82,18 @@ def print_inspect(info: dict[str, Any], console: Console, *, max_rows: int = 60)
     if info.get("ignored_keys"):
         summary.append(["ignored keys", f"{len(info['ignored_keys'])}: "
                         + ", ".join(info["ignored_keys"][:6])])
+    if info.get("lycoris_types"):  # issue 16b
+        summary.append(["LyCORIS types", ", ".join(info["lycoris_types"])])
     render_table("adapter", ["field", "value"], summary, console)
     rows = []
+    lyco = bool(info.get("lycoris_types"))  # issue 16b: a type column for LyCORIS files
     for m in info["modules"][:max_rows]:
-        rows.append([m["key"], m["rank"], m["alpha"], m["scale"], m["params"], m["dtype"],
-                     m["effective_rank"], m["norm"],
-                     _energy_at(m["energy"], energy_marks(m["rank"]))])
+        rows.append([m["key"], *([m.get("lycoris_type") or "lora"] if lyco else []), m["rank"],
+                     m["alpha"], m["scale"], m["params"], m["dtype"], m["effective_rank"],
+                     m["norm"], _energy_at(m["energy"], energy_marks(m["rank"]))])
     render_table("modules (energy = fraction of ||scale*B@A||^2 kept at rank k)",
-                 ["module", "r", "alpha", "scale", "params", "dtype", "eff. rank", "||delta||",
-                  "energy k:frac"], rows, console)
+                 ["module", *(["type"] if lyco else []), "r", "alpha", "scale", "params", "dtype",
+                  "eff. rank", "||delta||", "energy k:frac"], rows, console)
     hidden = len(info["modules"]) - max_rows
     if hidden > 0:
         console.print(f"... {hidden} more modules (use --json for all)")

@@ -522,16 +522,22 @@ def test_loha_keys_in_kohya_file(tmp_path):
     save_file({f"{KOHYA}.hada_w1_a": rand(6, 4), f"{KOHYA}.hada_w1_b": rand(4, 8),
                f"{KOHYA}.hada_w2_a": rand(6, 4), f"{KOHYA}.hada_w2_b": rand(4, 8),
                f"{KOHYA}.alpha": torch.tensor(4.0)}, str(p))
-    assert_names(load_error(p, UnsupportedVariantError), p, "LoHa", "not a LoRA",
-                 key=f"{KOHYA}.hada_w1_a")
+    # read since issue 16 (its exact LoRA form: tests/formats/test_lycoris.py); one tensor
+    # missing is named
+    assert lorakit.load(p).modules[next(iter(lorakit.load(p).modules))].origin == "loha"
+    save_file({f"{KOHYA}.hada_w1_a": rand(6, 4), f"{KOHYA}.hada_w1_b": rand(4, 8),
+               f"{KOHYA}.hada_w2_a": rand(6, 4)}, str(p))
+    assert_names(load_error(p, ConfigMismatchError), p, "hada_w2_b is missing", "LoHa",
+                 key=f"{KOHYA}.hada_w2_b")
 
 
 def test_loha_keys_beside_lora_keys(tmp_path):
     t = kohya_tensors()
     t["lora_unet_mid_block_attentions_0_proj_out.hada_w1_a"] = rand(6, 4)
     p = write_kohya(tmp_path / "mixed.safetensors", t)
-    assert_names(load_error(p, UnsupportedVariantError), p, "LoHa",
-                 key="lora_unet_mid_block_attentions_0_proj_out.hada_w1_a")
+    # a lone LoHa tensor beside LoRA modules: the module's missing tensors are named
+    assert_names(load_error(p, ConfigMismatchError), p, "LoHa", "missing",
+                 key="lora_unet_mid_block_attentions_0_proj_out.hada_w1_b")
 
 
 def test_peft_type_loha(tmp_path):

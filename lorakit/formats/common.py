@@ -20,7 +20,6 @@ from lorakit.adapter import LoraModule, ModuleKind, check_finite
 from lorakit.errors import (
     ConfigMismatchError,
     CorruptFileError,
-    ShapeMismatchError,
     UnsupportedVariantError,
 )
 
@@ -54,12 +53,17 @@ def check_variants(keys: list[str], path: Path | str) -> None:
 
 
 def build_modules(parts: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float],
-                  path: Path | str, *, rslora: bool = False) -> dict[str, LoraModule]:
+                  path: Path | str, *, rslora: bool = False, dora: str = "peft",
+                  finite: bool = True) -> dict[str, LoraModule]:
     """Turn ``{key: {"down", "up", ["magnitude"], ["bias"], ["embedding"]}}`` into modules.
 
     A module with only one factor is an error naming the missing one. ``alphas`` maps keys to
-    alpha; a missing alpha means ``alpha = r`` (kohya and diffusers convention).
+    alpha; a missing alpha means ``alpha = r`` (kohya and diffusers convention). ``dora`` is the
+    magnitude convention of the file (``"peft"`` or ``"lycoris"`` for kohya ``dora_scale``,
+    :mod:`lorakit.formats.dora`); ``finite=False`` leaves the NaN/Inf scan to the caller.
     """
+    from lorakit.formats.dora import magnitude_axis
+
     modules: dict[str, LoraModule] = {}
     for key, p in parts.items():
         if "down" not in p or "up" not in p:
@@ -81,14 +85,11 @@ def build_modules(parts: dict[str, dict[str, torch.Tensor]], alphas: dict[str, f
                          rslora=rslora, magnitude=p.get("magnitude"), bias=p.get("bias"),
                          kind=kind)
         mod.validate(key, str(path), finite=False)
-        mag = mod.magnitude  # PEFT: one value per output; kohya/LyCORIS dora_scale: per input
-        if mag is not None and mag.numel() not in (int(up.shape[0]), int(down[0].numel())):
-            raise ShapeMismatchError(
-                f"DoRA magnitude has shape {tuple(mag.shape)}, expected {int(up.shape[0])} "
-                f"values (one per output) or {int(down[0].numel())} (one per input)",
-                path=path, key=key)
+        if mod.magnitude is not None:  # hook (issue 16b): which norm the DoRA magnitude replaces
+            mod.magnitude_axis = magnitude_axis(mod, dora, key, path)
         modules[key] = mod
-    check_finite(modules, str(path))
+    if finite:
+        check_finite(modules, str(path))
     return modules
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.errors import ConfigMismatchError, InputNotFoundError, UnknownLayoutError
-from lorakit.formats import diffusers, kohya, prefixed
+from lorakit.formats import diffusers, kohya, lycoris, prefixed
 from lorakit.formats.common import check_variants
 from lorakit.formats.peft import CONFIG_NAME
+from lorakit.formats.positional import refuse_positional
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -21,6 +22,9 @@ def classify_keys(keys: list[str], path: Path | str) -> tuple[str, str]:
     """``(format, layout)`` for a weights file's keys (no config beside it)."""
     if not keys:
         raise InputNotFoundError("weights file holds no tensors", path=path)
+    if layout := lycoris.classify(keys, path):  # hook (issue 16b): LyCORIS in kohya names
+        return "kohya", layout
+    refuse_positional(keys, path)  # hook (issue 16b): numbered, unnamed pairs are refused by name
     check_variants(keys, path)  # LoHa/LoKr/OFT/... are named even when no LoRA key is present
     if layout := kohya.classify(keys):
         return "kohya", layout

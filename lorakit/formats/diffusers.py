@@ -44,6 +44,7 @@ from lorakit.formats.common import (
     scalar_value,
     target_name,
 )
+from lorakit.formats.dora import peft_magnitude
 from lorakit.io import write_safetensors
 from lorakit.naming import COMPONENTS, split_component
 
@@ -271,8 +272,8 @@ def diffusers_tensors(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, 
         out[f"{key}.lora_B.weight"] = cast(m.up, dtype)
         if m.bias is not None:
             out[f"{key}.lora_B.bias"] = cast(m.bias, dtype)
-        if m.magnitude is not None:
-            out[f"{key}.lora_magnitude_vector.weight"] = cast(m.magnitude.reshape(-1), dtype)
+        if m.magnitude is not None:  # hook (issue 16b): PEFT's shape; wd_on_out=False refused
+            out[f"{key}.lora_magnitude_vector.weight"] = cast(peft_magnitude(m, key), dtype)
     for key, t in adapter.extras.items():
         out[key] = t
     return out

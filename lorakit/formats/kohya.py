@@ -39,6 +39,7 @@ import torch
 
 from lorakit.adapter import Adapter
 from lorakit.errors import ConfigMismatchError
+from lorakit.formats import lycoris
 from lorakit.formats.common import (
     build_modules,
     cast,
@@ -48,6 +49,7 @@ from lorakit.formats.common import (
     refuse_embedding_lora,
     scalar_value,
 )
+from lorakit.formats.dora import lycoris_dora_scale
 from lorakit.formats.families import Family, detect_family
 from lorakit.io import write_safetensors
 from lorakit.naming import KOHYA_PREFIXES, dotted_to_kohya, kohya_to_dotted, split_kohya_name
@@ -140,36 +142,63 @@ def _shapes(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[int, 
 def load_kohya(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
                layout: str) -> tuple[Adapter, list[str]]:
     """Build an Adapter from a kohya state dict read from ``path``; also returns the keys that
-    fit no kohya suffix (the caller accounts for them)."""
-    check_variants(list(tensors), path)
-    groups, unknown = group_keys(tensors)
+    fit no kohya suffix (the caller accounts for them). A LyCORIS file (``layout == "lycoris"``)
+    is read into exact LoRA forms by :mod:`lorakit.formats.lycoris`; its names then resolve
+    through the family like any kohya name."""
     recorded = meta.get("lorakit.components")
     with_comp = recorded != "[]"
     meta = dict(meta)
-    if any(n.startswith("lora_te1_") for n in groups):
+    if layout == lycoris.LAYOUT:
+        known, unknown = lycoris.split_known(tensors)
+        built = lycoris.read_lycoris(known, path, meta)  # {kohya name: exact LoraModule}
+        stems = list(built)
+        shapes = {kohya_module_key(n): (m.out_features, m.in_features) for n, m in built.items()
+                  if not n.startswith("lycoris_")}
+    else:
+        check_variants(list(tensors), path)
+        groups, unknown = group_keys(tensors)
+        stems = list(groups)
+        shapes = _shapes(groups)
+    if any(n.startswith("lora_te1_") for n in stems):
         meta[SDXL_TE_KEY] = "lora_te1_"  # written back, so a te1-only SDXL file keeps its prefix
     family = None
     if with_comp:
-        family = detect_family([kohya_module_key(n) for n in groups], meta, _shapes(groups))
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    alphas: dict[str, float] = {}
+        family = detect_family([kohya_module_key(n) for n in stems
+                                if not n.startswith("lycoris_")], meta, shapes)
     names: dict[str, str] = {}
-    for name, g in groups.items():
-        key = family_key(name, family) if with_comp else kohya_module_key(name, False)
+    for name in stems:
+        if name.startswith("lycoris_"):  # LyCORIS's own wrapper prefix: no component
+            key = lycoris.module_key(name, with_comp)
+        else:
+            key = family_key(name, family) if with_comp else kohya_module_key(name, False)
         if names.setdefault(key, name) != name:
             raise ConfigMismatchError(f"two kohya names map to module {key}", path=path, key=name)
+    if layout == lycoris.LAYOUT:
+        modules = {key: built[name] for key, name in names.items()}
+    else:
+        modules = build_modules(*_parts(groups, names, path), path, dora="lycoris")
+    base = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
+    prefixed = with_comp and any(split_kohya_name(n)[0] for n in names.values()
+                                 if not n.startswith("lycoris_"))
+    adapter = Adapter(modules=modules, source_format="kohya", layout=layout, metadata=meta,
+                      base_model=base, source=str(path), component_prefix=prefixed)
+    return adapter, unknown
+
+
+def _parts(groups: dict[str, dict[str, torch.Tensor]], names: dict[str, str], path: Path
+           ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+    """``({key: {slot: tensor}}, {key: alpha})`` of the grouped kohya tensors."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    for key, name in names.items():
+        g = groups[name]
         if "alpha" in g:
             alphas[key] = scalar_value(g["alpha"], f"{name}.alpha", path)
         slots = {s: t for s, t in g.items() if s != "alpha"}
         if not slots:
             raise ConfigMismatchError("alpha without LoRA factors", path=path, key=name)
         parts[key] = slots
-    modules = build_modules(parts, alphas, path)
-    base = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
-    prefixed = with_comp and any(split_kohya_name(n)[0] for n in names.values())
-    adapter = Adapter(modules=modules, source_format="kohya", layout=layout, metadata=meta,
-                      base_model=base, source=str(path), component_prefix=prefixed)
-    return adapter, unknown
+    return parts, alphas
 
 
 def is_sdxl(adapter: Adapter) -> bool:
@@ -225,8 +254,8 @@ def kohya_tensors(adapter: Adapter, dtype: torch.dtype | None,
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = _alpha_tensor(alpha, down.dtype)
-        if m.magnitude is not None:
-            out[f"{name}.dora_scale"] = cast(m.magnitude, dtype)
+        if m.magnitude is not None:  # (out, 1) / (1, in) as LyCORIS stores it
+            out[f"{name}.dora_scale"] = cast(lycoris_dora_scale(m, key), dtype)
     if adapter.extras:
         key = next(iter(adapter.extras))
         raise ConfigMismatchError("kohya files cannot hold extra (non-LoRA) tensors", key=key,
@@ -269,6 +298,7 @@ def _family_metadata(adapter: Adapter, family: Family | None, meta: dict[str, st
 def kohya_metadata(adapter: Adapter, provenance: dict[str, Any] | None,
                    family: Family | None = None) -> dict[str, str]:
     meta = dict(adapter.metadata) if adapter.source_format == "kohya" else {}
+    meta = lycoris.lora_metadata(meta)  # a LyCORIS source is written as plain LoRA
     mods = list(adapter.modules.values())
     alphas = [m.scale * m.rank for m in mods]
     conv = [m.rank for m in mods if m.kernel and m.kernel != (1, 1)]

@@ -48,6 +48,7 @@ from lorakit.formats.common import (
     number,
     target_name,
 )
+from lorakit.formats.dora import peft_magnitude
 from lorakit.io import read_json, read_pickle, read_safetensors, write_safetensors
 from lorakit.values import check_peft_config, check_scale
 
@@ -265,8 +266,8 @@ def peft_tensors(adapter: Adapter, dtype: torch.dtype | None = None,
             out[f"{p}.lora_B.weight"] = cast(m.up, dtype)
         if m.bias is not None:
             out[f"{p}.lora_B.bias"] = cast(m.bias, dtype)
-        if m.magnitude is not None:
-            out[f"{p}.lora_magnitude_vector.weight"] = cast(m.magnitude.reshape(-1), dtype)
+        if m.magnitude is not None:  # hook (issue 16b): PEFT's shape; wd_on_out=False refused
+            out[f"{p}.lora_magnitude_vector.weight"] = cast(peft_magnitude(m, key), dtype)
     for key, t in adapter.extras.items():
         out[PREFIX + key] = t
     return out

@@ -184,18 +184,14 @@ def test_llm_kohya_names_have_no_component(tmp_path):
     assert sorted(lorakit.load(p).modules) == sorted(a.modules)
 
 
+# LyCORIS types with no exact LoRA form (LoHa, LoKr, LoCon-Tucker and full diffs are read:
+# tests/formats/test_lycoris*.py)
 LYCORIS = {
-    "LoHa": {"lora_unet_a_b.hada_w1_a": randn(4, 2), "lora_unet_a_b.hada_w1_b": randn(2, 4),
-             "lora_unet_a_b.hada_w2_a": randn(4, 2), "lora_unet_a_b.hada_w2_b": randn(2, 4)},
-    "LoKr": {"lora_unet_a_b.lokr_w1": randn(2, 2), "lora_unet_a_b.lokr_w2": randn(2, 2)},
     "OFT": {"lora_unet_a_b.oft_blocks": randn(2, 2, 2)},
-    "LoCon/Tucker": {"lora_unet_a_b.lora_down.weight": randn(2, 4, 3, 3),
-                     "lora_unet_a_b.lora_up.weight": randn(4, 2, 1, 1),
-                     "lora_unet_a_b.lora_mid.weight": randn(2, 2, 3, 3)},
-    "diff_b": {"lora_unet_a_b.lora_down.weight": randn(2, 4),
-               "lora_unet_a_b.lora_up.weight": randn(4, 2),
-               "lora_unet_a_b.diff_b": randn(4)},
+    "GLoRA": {"lora_unet_a_b.a1.weight": randn(2, 4), "lora_unet_a_b.a2.weight": randn(4, 2),
+              "lora_unet_a_b.b1.weight": randn(2, 4), "lora_unet_a_b.b2.weight": randn(4, 2)},
     "IA3": {"lora_unet_a_b.ia3_l": randn(4)},
+    "norm": {"lora_unet_a_b.w_norm": randn(4), "lora_unet_a_b.b_norm": randn(4)},
 }
 
 
