@@ -58,7 +58,10 @@ def merge(adapters: Sequence[Adapter], method: str = "linear",
         check_options(spec.options, option_values)  # types, finite, in range: named
         options = spec.options(**option_values)
     ws = parse_weights(weights, len(adapters))
-    aligned = align(adapters, ws, intersect=intersect, method=method)
+    from lorakit.formats.rename import align as one_naming
+
+    # files of one family from different trainers (kohya Flux qkv, diffusers to_q) in one naming
+    aligned = align(one_naming(list(adapters)), ws, intersect=intersect, method=method)
     ctx = MergeContext(policy=policy, device=device, dtype=dtype, seed=seed, progress=progress,
                        weights=ws)
     if not spec.calibrated and (model is not None or calibration is not None or grams is not None):
