@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from lorakit.adapter import LoraModule
+from lorakit.lowrank.threads import parallel_map
 from lorakit.merge.align import Space, Term, core_space
 from lorakit.merge.options import MergeContext, TrimScope
 from lorakit.merge.rules import Cuts, RuleCore
@@ -76,15 +77,21 @@ def _project(aligned: dict[str, list[Term]], ctx: MergeContext, space: Space):
 
     dev = resolve_device(ctx.device)
     n = n_tasks(aligned)
-    out = {}
-    for key, terms in aligned.items():
-        ctx.tick(key)
+
+    def project(key: str):
+        terms = aligned[key]
         if space is Space.CORE:
             cs = core_space(terms, n, dev)
-            out[key] = (cs, cs.cores)
-        else:
-            u, s, v = aligned_blocks(terms, n, dev)
-            out[key] = (_KnotsBasis(u, s), v)
+            return cs, cs.cores
+        u, s, v = aligned_blocks(terms, n, dev)
+        return _KnotsBasis(u, s), v
+
+    out = {}
+    # modules side by side, one thread each (lowrank.threads): small decompositions and
+    # conversions of the factors gain nothing from a second thread inside one module
+    for key, res in zip(aligned, parallel_map(project, list(aligned), device=dev), strict=True):
+        ctx.tick(key)
+        out[key] = res
     return out
 
 
@@ -107,20 +114,24 @@ def stack_merge(aligned: dict[str, list[Term]], ctx: MergeContext, rule, lam: fl
         shared = cutter.cuts_from([torch.cat([v[i].abs().reshape(-1).cpu()
                                               for _, v in blocks.values()]) for i in range(n)])
     gen = torch.Generator().manual_seed(ctx.seed)
-    smalls = {}
-    for key, (basis, stack) in blocks.items():
+    merged = {}
+    for key, (_basis, stack) in blocks.items():  # in order: a rule may draw from ``gen``
         cuts = shared if shared is not None else (cutter.cuts(stack) if cutter else None)
         fn = rule(key) if keyed else rule
-        merged = fn(stack.clone(), cuts, gen) * lam  # (p, q)
-        smalls[key] = basis.svd(merged)  # small (core) or already tall (knots)
+        merged[key] = fn(stack.clone(), cuts, gen) * lam  # (p, q)
+    dev = next(iter(merged.values())).device if merged else torch.device("cpu")
+    # small (core) or already tall (knots) SVDs, modules side by side
+    smalls = dict(zip(merged, parallel_map(lambda k: blocks[k][0].svd(merged[k]), list(merged),
+                                           device=dev), strict=True))
     likes = {k: t[0].module for k, t in aligned.items()}
     ranks = choose_ranks({k: v[1].cpu() for k, v in smalls.items()}, likes, ctx.policy)
-    out = {}
-    for key, small in smalls.items():  # only the kept rank is ever projected back
-        u, s, vh = blocks[key][0].back_project(small, ranks[key])
-        out[key] = module_from_svd(u.cpu(), s.cpu(), vh.cpu(), likes[key],
-                                   ctx.out_dtype(aligned[key]))
-    return out
+
+    def back(key: str) -> LoraModule:  # only the kept rank is ever projected back
+        u, s, vh = blocks[key][0].back_project(smalls[key], ranks[key])
+        return module_from_svd(u.cpu(), s.cpu(), vh.cpu(), likes[key],
+                               ctx.out_dtype(aligned[key]))
+
+    return dict(zip(smalls, parallel_map(back, list(smalls), device=dev), strict=True))
 
 
 class _KnotsBasis:

@@ -143,7 +143,27 @@ def test_run_chunk_honours_the_stop_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr("lorakit.batch.run_job", fake_run_job)
     out = list(run_chunk(list(enumerate(jobs(3))), False, False, str(tmp_path / "stop")))
-    assert calls == [0] and [r.index for r in out] == [0]
+    assert calls == [0] and [[r.index for r in group] for group in out] == [[0]]
+
+
+def test_run_chunk_groups_results_and_reports_a_failure_at_once(tmp_path, monkeypatch):
+    def fake_run_job(job, force, index):
+        return res(index, Status.FAILED if index == 2 else Status.DONE)
+
+    monkeypatch.setattr("lorakit.batch.run_job", fake_run_job)
+    groups = list(run_chunk(list(enumerate(jobs(5))), False, True))
+    # FLUSH_S is not reached by these instant jobs: the failure ends the first group
+    assert [[r.index for r in g] for g in groups] == [[0, 1, 2], [3, 4]]
+    groups = list(run_chunk(list(enumerate(jobs(5))), False, False))
+    assert [[r.index for r in g] for g in groups] == [[0, 1, 2]]  # stopped at the failure
+    monkeypatch.setattr(cluster, "FLUSH_S", 0.0)
+    groups = list(run_chunk(list(enumerate(jobs(2))), False, False))
+    assert [[r.index for r in g] for g in groups] == [[0], [1]]
+
+
+def test_grouped_results_are_taken_one_by_one(tmp_path):
+    taken, _, _ = drain({(0, 1, 2): [[res(0), res(1)], [res(2)]]}, 3, tmp_path)
+    assert [r.index for r in taken] == [0, 1, 2]
 
 
 def test_default_chunk():
