@@ -116,7 +116,8 @@ def coverage(adapter: Adapter, family: Family) -> list[dict[str, Any]]:
                 if (hit := bt.index(p)) is not None:
                     seen.setdefault(hit[0], set()).add(hit[1])
             subs = sorted(set().union(*seen.values())) if seen else []
-            entry["blocks"].append({"label": bt.label, "adapted": len(seen), "count": bt.count,
+            entry["blocks"].append({"label": bt.label, "adapted": len(seen),
+                                    "count": bt.count_for(seen),
                                     "layers": subs,
                                     # a block type that lists no layers prints no detail
                                     "all_layers": not bt.subs or set(bt.subs) <= set(subs)})

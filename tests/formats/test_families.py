@@ -176,6 +176,28 @@ def test_real_flux_aitoolkit_file():
     assert info["family"] == "flux1" and info["coverage_line"] == line
 
 
+def test_sd_text_encoder_coverage_counts_the_released_encoder(tmp_path):
+    """SD 1.x's CLIP-L has 12 text-encoder layers, SD 2.x's OpenCLIP-H 23: a file is counted
+    against the encoder that holds its highest layer (the real SD 1.x LoKr file: see
+    test_real_next.py)."""
+    from lorakit.formats.families.sd import SD15
+
+    def te_file(layers, name):
+        t = {}
+        for i in layers:
+            stem = f"lora_te_text_model_encoder_layers_{i}_self_attn_q_proj"
+            t[f"{stem}.lora_down.weight"] = randn(2, 8, seed=i)
+            t[f"{stem}.lora_up.weight"] = randn(8, 2, seed=i + 50)
+        t["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"] = randn(2, 8)
+        t["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"] = randn(8, 2)
+        return lorakit.load(write_st(tmp_path / name, t))
+
+    sd1 = coverage_line(coverage(te_file(range(12), "sd1.safetensors"), SD15))
+    sd2 = coverage_line(coverage(te_file([0, 22], "sd2.safetensors"), SD15))
+    assert "text encoder layers 12/12" in sd1, sd1
+    assert "text encoder layers 2/23" in sd2, sd2
+
+
 def test_real_flux_file_through_every_flux_layout(tmp_path):
     src = require_real("flux1_aitoolkit_leighwoods")
     a = lorakit.load(src)

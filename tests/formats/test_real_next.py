@@ -101,6 +101,11 @@ def test_loads_or_is_refused_as_manifest_says(entry):
     assert len(a.modules) == entry["n_lora_pairs"]
     assert a.dtypes() == [{"F16": "float16", "F32": "float32"}[entry["dtype"]]]
     assert a.base_model and "animefull" in a.base_model
+    from lorakit.formats.coverage import coverage, coverage_line
+    from lorakit.formats.families.sd import SD15
+
+    # an SD 1.x file: its text encoder is CLIP-L's 12 layers, not SD 2.x's 23
+    assert "text encoder layers 12/12" in coverage_line(coverage(a, SD15))
 
 
 DENSE_LIMIT = 1 << 21  # updates up to this many entries are compared densely

@@ -115,8 +115,11 @@ class BlockType:
     Fields:
         label: what ``inspect`` prints (``double blocks``).
         prefix: diffusers path template of one block (``transformer_blocks.{i}``).
-        count: how many the family's released model has.
+        count: how many the family's largest released model has (what a file may adapt).
         subs: the LoRA-able layers of one block, as paths below the block prefix.
+        sizes: the block counts of the family's released models when they differ (SD 1.x's
+            CLIP-L has 12 text-encoder layers, SD 2.x's OpenCLIP-H 23): coverage counts a file
+            against the smallest that holds its highest block (:meth:`count_for`).
     """
 
     label: str
@@ -124,6 +127,18 @@ class BlockType:
     count: int
     subs: tuple[str, ...]
     head: str = ""  # optional regex before the prefix (CLIP's ``(?:text_model\.)?``)
+    sizes: tuple[int, ...] = ()
+
+    def count_for(self, indices) -> int:
+        """The block count to report for a file adapting blocks ``indices``.
+
+        Example:
+            >>> bt = BlockType("layers", "layers.{i}", 23, (), sizes=(12, 23))
+            >>> bt.count_for({0, 11}), bt.count_for({15}), bt.count_for(set())
+            (12, 23, 12)
+        """
+        top = max(indices, default=-1)
+        return next((n for n in sorted(self.sizes) if top < n), self.count)
 
     @cached_property
     def regex(self) -> re.Pattern[str]:

@@ -20,11 +20,13 @@ _CLIP_KNOWN = (r"(?:text_model\.)?encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o
                r"text_projection")
 
 
-def clip(name: str, label: str, kohya: str, layers: int) -> Component:
-    """A CLIP text encoder component with ``layers`` encoder layers."""
+def clip(name: str, label: str, kohya: str, layers: int | tuple[int, ...]) -> Component:
+    """A CLIP text encoder component with ``layers`` encoder layers (a tuple: the layer counts
+    of the family's released encoders, e.g. 12 and 23 for SD 1.x and 2.x)."""
+    sizes = layers if isinstance(layers, tuple) else ()
     return Component(name, label, kohya, known=_CLIP_KNOWN, blocks=(
-        BlockType(f"{label} layers", "encoder.layers.{i}", layers, _CLIP_SUBS,
-                  head=r"(?:text_model\.)?"),))
+        BlockType(f"{label} layers", "encoder.layers.{i}", max(sizes or (layers,)), _CLIP_SUBS,
+                  head=r"(?:text_model\.)?", sizes=sizes),))
 
 
 _T5_SUBS = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",

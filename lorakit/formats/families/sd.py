@@ -79,7 +79,7 @@ def _sgm_rules() -> tuple[Rule, ...]:
 
 SD15 = Family(
     name="sd15", title="SD 1.x / 2.x",
-    components=(_unet(4), clip("text_encoder", "text encoder", "lora_te_", 23)),
+    components=(_unet(4), clip("text_encoder", "text encoder", "lora_te_", (12, 23))),
     layouts=("diffusers", "kohya", "peft"), modelspec="stable-diffusion-v1/lora",
     base_version="sd_v1",
     markers=(r"^down_blocks\.0\.attentions\.", r"^up_blocks\.3\.attentions\."),
