@@ -59,8 +59,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from lorakit.batch import BatchOptions, Job, JobResult
 
 # Measured by bench/batch.py (resize of a GPT-2-sized rank-8 adapter, 2 CPUs): a Ray task costs
-# about 28 ms of scheduling and transfer on top of a 13 ms job. With 32-64 jobs per task that is
-# 3-7 % of the work; four chunks per CPU keep the CPUs balanced to the end and bound what a lost
+# 12-28 ms of scheduling and transfer on top of a 8-13 ms job. With 32-64 jobs per task that is
+# a few % of the work; four chunks per CPU keep the CPUs balanced to the end and bound what a lost
 # node has to redo.
 MAX_CHUNK = 64
 CHUNKS_PER_CPU = 4
