@@ -261,11 +261,12 @@ _CLASS_COMPONENT = {
     "UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
     "CLIPTextModelWithProjection": "text_encoder_2", "SD3Transformer2DModel": "transformer",
     "FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_3",
-    "WanTransformer3DModel": "transformer",
+    "WanTransformer3DModel": "transformer", "HunyuanVideoTransformer3DModel": "transformer",
 }
 _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                    "wan": "WanTransformer3DModel", "sdxl": "UNet2DConditionModel",
-                   "sd15": "UNet2DConditionModel"}
+                   "sd15": "UNet2DConditionModel",
+                   "hunyuanvideo": "HunyuanVideoTransformer3DModel"}
 
 
 def infer_component(adapter: Adapter) -> str | None:

@@ -87,6 +87,37 @@ def ltx():
     return m.to_empty(device="cpu")
 
 
+def hunyuan(width: int = 16, double: int = 1, single: int = 1, refiner: int = 1):
+    """HunyuanVideo with its real structure (double, single and token-refiner blocks), heads
+    of 8."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    with torch.device("meta"):
+        m = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=width // 8, attention_head_dim=8,
+            num_layers=double, num_single_layers=single, num_refiner_layers=refiner,
+            patch_size=1, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+            rope_axes_dim=(2, 2, 4))
+    return m.to_empty(device="cpu")
+
+
+def hunyuan_real(materialise: tuple[str, ...]):
+    """HunyuanVideo at its real width (3072, 24 heads of 128) with one double and one single
+    block on the meta device; only the listed modules get memory (the layers a file adapts)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    with torch.device("meta"):
+        m = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=24, attention_head_dim=128,
+            num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+            patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+            rope_axes_dim=(16, 56, 56))
+    names = dict(m.named_modules())
+    for n in materialise:
+        names[n].to_empty(device="cpu")
+    return m
+
+
 def unet(sdxl: bool):
     from diffusers import UNet2DConditionModel
 
@@ -139,7 +170,8 @@ def applied(model) -> dict[str, torch.Tensor]:
 
 PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline",
-             "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline"}
+             "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline",
+             "hunyuanvideo": "HunyuanVideoPipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:
