@@ -118,6 +118,26 @@ def hunyuan_real(materialise: tuple[str, ...]):
     return m
 
 
+def lumina2(real: bool = False):
+    """Lumina-Image 2.0 with one layer and one block of each refiner; tiny (24 wide: 3 query heads,
+    1 key/value head of 8, Lumina's 3 : 1 : 1 qkv rows) or at the real attention width (2304, 24
+    and 8 heads of 96) with a small feed-forward, where only the blocks get memory."""
+    from diffusers import Lumina2Transformer2DModel
+
+    heads, kv, head_dim, rope = (24, 8, 96, (32, 32, 32)) if real else (3, 1, 8, (4, 2, 2))
+    with torch.device("meta"):
+        m = Lumina2Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, hidden_size=heads * head_dim,
+            num_layers=1, num_refiner_layers=1, num_attention_heads=heads, num_kv_heads=kv,
+            multiple_of=16, ffn_dim_multiplier=0.01 if real else None, axes_dim_rope=rope,
+            axes_lens=(8, 8, 8), cap_feat_dim=16)
+    if not real:
+        return m.to_empty(device="cpu")
+    for name in ("layers", "noise_refiner", "context_refiner"):
+        getattr(m, name).to_empty(device="cpu")
+    return m
+
+
 def unet(sdxl: bool):
     from diffusers import UNet2DConditionModel
 
@@ -171,7 +191,7 @@ def applied(model) -> dict[str, torch.Tensor]:
 PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline",
              "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline",
-             "hunyuanvideo": "HunyuanVideoPipeline"}
+             "hunyuanvideo": "HunyuanVideoPipeline", "lumina2": "Lumina2Pipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:

@@ -7,7 +7,8 @@
 * diffusers reads: for each layout diffusers' converters read, a file built here by hand from the
   published key scheme (no lorakit) is applied by diffusers, and lorakit reads the same updates.
 
-Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video, HunyuanVideo.
+Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video, HunyuanVideo,
+Lumina-Image 2.0.
 
 Known limits of diffusers 0.42 itself, asserted so that a fix upstream shows up here:
 kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, ``time_in``,
@@ -18,7 +19,10 @@ kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, `
 the token refiner's ``self_attn_qkv`` A as if it were B (the load fails), swaps the halves of
 ``final_layer.adaLN_modulation.1``'s A as well as B's (a wrong update), reads ``lora_A``/``lora_B``
 only and no file without a double block's ``img_attn_qkv``; it has no reader for musubi-tuner's
-kohya files (it fails on them).
+kohya files (it fails on them). Its Lumina 2 reader of original names splits ``attention.qkv``
+only at the real width (2304 : 768 : 768, so those cases run on real-width blocks), needs every
+layer of every block it sees (qkv, out, w1-w3 and the modulation), takes no top-level module and
+no alpha (it fails on all of these).
 """
 
 from __future__ import annotations
@@ -140,6 +144,9 @@ WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
     ("ltxvideo", "bfl", lambda: {"transformer": D.ltx()}, None, ()),
     ("hunyuanvideo", "diffusers", lambda: {"transformer": D.hunyuan()}, None, ()),
     ("hunyuanvideo", "bfl", lambda: {"transformer": D.hunyuan()}, _hv_bfl_keep, ()),
+    ("lumina2", "diffusers", lambda: {"transformer": D.lumina2()}, None, ()),
+    ("lumina2", "bfl", lambda: {"transformer": D.lumina2(real=True)},
+     lambda c, n: n.startswith(("layers.", "noise_refiner.", "context_refiner.")), ()),
 ]
 
 
@@ -224,6 +231,40 @@ def test_hunyuan_video_limits_of_diffusers(tmp_path):
     wrong = m.scale * b @ torch.cat([a[1:], a[:1]])  # rank 2: A's two rows swapped back as well
     assert float((got - wrong).norm()) < RTOL * float(wrong.norm())
     assert float((got - _delta(m)).norm()) > 0.1 * float(_delta(m).norm())
+
+
+def test_lumina2_limits_of_diffusers(tmp_path):
+    """diffusers 0.42's Lumina 2 reader fails on a ComfyUI file below the real width, with a
+    top-level module, with a block missing a layer, or with alphas; lorakit reads each exactly."""
+    blocks = ("layers.", "noise_refiner.", "context_refiner.")
+    real = {"transformer": D.lumina2(real=True)}
+    full = build(real, lambda c, n: n.startswith(blocks))
+    cases = {  # name: (adapter, layout, error diffusers raises)
+        "tiny": (build({"transformer": D.lumina2()}, lambda c, n: n.startswith(blocks)), "bfl",
+                 RuntimeError),
+        "top-level": (build(real, lambda c, n: n.startswith(blocks) or n.startswith(
+            "time_caption_embed.")), "bfl", ValueError),
+        "missing-layer": (full.copy(modules={k: m for k, m in full.modules.items()
+                                             if "layers.0.feed_forward.linear_2" not in k}),
+                          "bfl", KeyError),
+    }
+    for name, (adapter, layout, error) in cases.items():
+        file = lorakit.save(adapter, tmp_path / f"{name}.safetensors", layout)
+        with pytest.raises(error):
+            D.diffusers_load("lumina2", file, {"transformer": D.lumina2()})
+        back = to_naming(lorakit.load(file), adapter_family(adapter), "diffusers")
+        assert sorted(back.modules) == sorted(adapter.modules), name
+        for k, m in back.modules.items():
+            ref = _delta(adapter.modules[k])
+            assert float((_delta(m) - ref).norm()) < RTOL * float(ref.norm()), (name, k)
+    g = torch.Generator().manual_seed(3)
+    state = _lumina2_original_state(real["transformer"], g)
+    state["diffusion_model.layers.0.attention.out.alpha"] = torch.tensor(1.0)
+    file = tmp_path / "alpha.safetensors"
+    save_file(state, str(file))
+    with pytest.raises(ValueError):
+        D.diffusers_load("lumina2", file, {"transformer": D.lumina2()})
+    assert lorakit.load(file).modules["transformer.layers.0.attention.out"].scale == 0.5
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
@@ -429,6 +470,31 @@ def _hv_original_state(model, g) -> dict[str, torch.Tensor]:
     return out
 
 
+_LUMINA2_ORIGINAL = {"attn.to_out.0": "attention.out", "feed_forward.linear_1": "feed_forward.w1",
+                     "feed_forward.linear_2": "feed_forward.w2",
+                     "feed_forward.linear_3": "feed_forward.w3",
+                     "norm1.linear": "adaLN_modulation.1"}
+
+
+def _lumina2_original_state(model, g) -> dict[str, torch.Tensor]:
+    """A ComfyUI / original-names Lumina 2 file of every block layer (what diffusers reads:
+    ``diffusion_model.layers.0.attention.qkv.lora_A.weight``, fused qkv of rows q + k + v)."""
+    out = {}
+    for name, (o, i) in D.linears(model, lambda n: n.startswith(
+            ("layers.", "noise_refiner.", "context_refiner."))).items():
+        block, _, sub = re.match(r"^(\w+\.\d+)\.(attn\.to_[qkv]$)?(.*)$", name).groups()
+        if sub == "":  # attn.to_q/k/v: one fused qkv per block, its rows q, k and v
+            native = f"{block}.attention.qkv"
+            if f"diffusion_model.{native}.lora_A.weight" in out:
+                continue
+            o = sum(D.linears(model)[f"{block}.attn.to_{c}"][0] for c in "qkv")
+        else:
+            native = f"{block}.{_LUMINA2_ORIGINAL[sub]}"
+        out[f"diffusion_model.{native}.lora_A.weight"] = _rand(g, 2, i)
+        out[f"diffusion_model.{native}.lora_B.weight"] = _rand(g, o, 2)
+    return out
+
+
 READ_CASES = {  # name: (family, models, state builder)
     "flux-kohya": ("flux1", lambda: {"transformer": D.flux()},
                    lambda ms, g: _flux_bfl_state(16, "kohya", g)),
@@ -449,6 +515,8 @@ READ_CASES = {  # name: (family, models, state builder)
                          lambda ms, g: _same_names_state(ms["transformer"], "ab", g)),
     "hunyuanvideo-comfyui": ("hunyuanvideo", lambda: {"transformer": D.hunyuan()},
                              lambda ms, g: _hv_original_state(ms["transformer"], g)),
+    "lumina2-comfyui": ("lumina2", lambda: {"transformer": D.lumina2(real=True)},
+                        lambda ms, g: _lumina2_original_state(ms["transformer"], g)),
 }
 
 
