@@ -262,13 +262,14 @@ _CLASS_COMPONENT = {
     "CLIPTextModelWithProjection": "text_encoder_2", "SD3Transformer2DModel": "transformer",
     "FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_3",
     "WanTransformer3DModel": "transformer", "HunyuanVideoTransformer3DModel": "transformer",
-    "Lumina2Transformer2DModel": "transformer",
+    "Lumina2Transformer2DModel": "transformer", "HiDreamImageTransformer2DModel": "transformer",
 }
 _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                    "wan": "WanTransformer3DModel", "sdxl": "UNet2DConditionModel",
                    "sd15": "UNet2DConditionModel",
                    "hunyuanvideo": "HunyuanVideoTransformer3DModel",
-                   "lumina2": "Lumina2Transformer2DModel"}
+                   "lumina2": "Lumina2Transformer2DModel",
+                   "hidream": "HiDreamImageTransformer2DModel"}
 
 
 def infer_component(adapter: Adapter) -> str | None:

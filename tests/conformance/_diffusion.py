@@ -138,6 +138,20 @@ def lumina2(real: bool = False):
     return m
 
 
+def hidream():
+    """HiDream-I1 with its real structure: double and single stream blocks with a 4-expert
+    mixture-of-experts feed-forward, a caption projection per Llama layer used and T5's."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    with torch.device("meta"):
+        m = HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+            attention_head_dim=8, num_attention_heads=2, caption_channels=[8, 4], text_emb_dim=16,
+            num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+            max_resolution=(16, 16), llama_layers=[0, 1])
+    return m.to_empty(device="cpu")
+
+
 def unet(sdxl: bool):
     from diffusers import UNet2DConditionModel
 
@@ -191,7 +205,8 @@ def applied(model) -> dict[str, torch.Tensor]:
 PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline",
              "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline",
-             "hunyuanvideo": "HunyuanVideoPipeline", "lumina2": "Lumina2Pipeline"}
+             "hunyuanvideo": "HunyuanVideoPipeline", "lumina2": "Lumina2Pipeline",
+             "hidream": "HiDreamImagePipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:

@@ -8,7 +8,7 @@
   published key scheme (no lorakit) is applied by diffusers, and lorakit reads the same updates.
 
 Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video, HunyuanVideo,
-Lumina-Image 2.0.
+Lumina-Image 2.0, HiDream-I1.
 
 Known limits of diffusers 0.42 itself, asserted so that a fix upstream shows up here:
 kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, ``time_in``,
@@ -22,7 +22,9 @@ only and no file without a double block's ``img_attn_qkv``; it has no reader for
 kohya files (it fails on them). Its Lumina 2 reader of original names splits ``attention.qkv``
 only at the real width (2304 : 768 : 768, so those cases run on real-width blocks), needs every
 layer of every block it sees (qkv, out, w1-w3 and the modulation), takes no top-level module and
-no alpha (it fails on all of these).
+no alpha (it fails on all of these). Its HiDream reader only strips ``diffusion_model.``: a
+ComfyUI file spelled ``lora_down``/``lora_up`` + ``.alpha`` fails to load (lorakit writes
+``lora_A``/``lora_B``, scales folded).
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
     ("lumina2", "diffusers", lambda: {"transformer": D.lumina2()}, None, ()),
     ("lumina2", "bfl", lambda: {"transformer": D.lumina2(real=True)},
      lambda c, n: n.startswith(("layers.", "noise_refiner.", "context_refiner.")), ()),
+    ("hidream", "diffusers", lambda: {"transformer": D.hidream()}, None, ()),
+    ("hidream", "bfl", lambda: {"transformer": D.hidream()}, None, ()),
 ]
 
 
@@ -403,11 +407,12 @@ def _sgm_state(model, g) -> dict[str, torch.Tensor]:
     return out
 
 
-def _same_names_state(model, style: str, g) -> dict[str, torch.Tensor]:
-    """Qwen-Image / LTX-Video files outside diffusers: ``diffusion_model.`` + diffusers names
-    (``lora_down``/``lora_up`` + ``.alpha``, or ``lora_A``/``lora_B``)."""
+def _same_names_state(model, style: str, g, blocks=("transformer_blocks.",)
+                      ) -> dict[str, torch.Tensor]:
+    """Qwen-Image / LTX-Video / HiDream files outside diffusers: ``diffusion_model.`` + diffusers
+    names (``lora_down``/``lora_up`` + ``.alpha``, or ``lora_A``/``lora_B``) of the blocks."""
     out = {}
-    for name, (o, i) in D.linears(model, lambda n: n.startswith("transformer_blocks.")).items():
+    for name, (o, i) in D.linears(model, lambda n: n.startswith(blocks)).items():
         if style == "down_up":
             out[f"diffusion_model.{name}.lora_down.weight"] = _rand(g, 2, i)
             out[f"diffusion_model.{name}.lora_up.weight"] = _rand(g, o, 2)
@@ -495,6 +500,28 @@ def _lumina2_original_state(model, g) -> dict[str, torch.Tensor]:
     return out
 
 
+_HIDREAM = ("double_stream_blocks.", "single_stream_blocks.", "caption_projection.")
+
+
+def test_hidream_comfyui_down_up_alpha_is_lorakits_alone(tmp_path):
+    """A HiDream ComfyUI file spelled ``lora_down``/``lora_up`` + ``.alpha``: diffusers 0.42 fails
+    on it (its reader only strips ``diffusion_model.``); lorakit reads it and writes the
+    ``lora_A``/``lora_B`` file diffusers applies exactly."""
+    ms = {"transformer": D.hidream()}
+    state = _same_names_state(ms["transformer"], "down_up", torch.Generator().manual_seed(2),
+                              _HIDREAM)
+    file = tmp_path / "c.safetensors"
+    save_file(state, str(file))
+    with pytest.raises(IndexError):
+        D.diffusers_load("hidream", file, {"transformer": D.hidream()})
+    a = lorakit.load(file)
+    assert adapter_family(a).name == "hidream" and a.modules  # alpha 3, rank 2: scale 1.5
+    assert all(m.scale == 1.5 for m in a.modules.values())
+    out = lorakit.save(a, tmp_path / "ab.safetensors", "bfl")
+    judge("hidream", out, ms, {("transformer", k[len("transformer."):]): _delta(m)
+                               for k, m in a.modules.items()})
+
+
 READ_CASES = {  # name: (family, models, state builder)
     "flux-kohya": ("flux1", lambda: {"transformer": D.flux()},
                    lambda ms, g: _flux_bfl_state(16, "kohya", g)),
@@ -517,6 +544,8 @@ READ_CASES = {  # name: (family, models, state builder)
                              lambda ms, g: _hv_original_state(ms["transformer"], g)),
     "lumina2-comfyui": ("lumina2", lambda: {"transformer": D.lumina2(real=True)},
                         lambda ms, g: _lumina2_original_state(ms["transformer"], g)),
+    "hidream-comfyui": ("hidream", lambda: {"transformer": D.hidream()},
+                        lambda ms, g: _same_names_state(ms["transformer"], "ab", g, _HIDREAM)),
 }
 
 
