@@ -41,7 +41,8 @@ def load_adapter(path: str | Path, format: Format | str | None = None, *,
     XLabs, ai-toolkit, ...) or a folder holding one. ``hf://`` sources are resolved by
     :func:`lorakit.load` / :mod:`lorakit.sources`.
 
-    ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``). Keys that
+    ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
+    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``). Keys that
     fit no layout role or name no module of the family are an error naming them, or with
     ``ignore_unknown`` are dropped and listed (:func:`lorakit.formats.coverage.ignored`).
     Any failure is a :class:`~lorakit.errors.LorakitError` naming the file, key and problem.
