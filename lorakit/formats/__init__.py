@@ -41,7 +41,8 @@ def load_adapter(path: str | Path, format: Format | str | None = None, *,
     XLabs, ai-toolkit, ...) or a folder holding one. ``hf://`` sources are resolved by
     :func:`lorakit.load` / :mod:`lorakit.sources`.
 
-    ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``). Keys that
+    ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
+    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``). Keys that
     fit no layout role or name no module of the family are an error naming them, or with
     ``ignore_unknown`` are dropped and listed (:func:`lorakit.formats.coverage.ignored`).
     Any failure is a :class:`~lorakit.errors.LorakitError` naming the file, key and problem.
@@ -261,11 +262,15 @@ _CLASS_COMPONENT = {
     "UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
     "CLIPTextModelWithProjection": "text_encoder_2", "SD3Transformer2DModel": "transformer",
     "FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_3",
-    "WanTransformer3DModel": "transformer",
+    "WanTransformer3DModel": "transformer", "HunyuanVideoTransformer3DModel": "transformer",
+    "Lumina2Transformer2DModel": "transformer", "HiDreamImageTransformer2DModel": "transformer",
 }
 _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                    "wan": "WanTransformer3DModel", "sdxl": "UNet2DConditionModel",
-                   "sd15": "UNet2DConditionModel"}
+                   "sd15": "UNet2DConditionModel",
+                   "hunyuanvideo": "HunyuanVideoTransformer3DModel",
+                   "lumina2": "Lumina2Transformer2DModel",
+                   "hidream": "HiDreamImageTransformer2DModel"}
 
 
 def infer_component(adapter: Adapter) -> str | None:

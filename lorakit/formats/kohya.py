@@ -274,7 +274,8 @@ def _dynamic(values: list) -> str:
 _IMPLEMENTATION = {"flux1": "https://github.com/black-forest-labs/flux",
                    "sd3": "https://github.com/Stability-AI/sd3.5",
                    "sdxl": "https://github.com/Stability-AI/generative-models",
-                   "sd15": "diffusers", "wan": "https://github.com/Wan-Video/Wan2.1"}
+                   "sd15": "diffusers", "wan": "https://github.com/Wan-Video/Wan2.1",
+                   "hunyuanvideo": "https://github.com/Tencent/HunyuanVideo"}
 
 
 def _family_metadata(adapter: Adapter, family: Family | None, meta: dict[str, str]) -> None:

@@ -87,7 +87,8 @@ LAYOUTS: dict[str, Layout] = {
                         description="ostris ai-toolkit: diffusers keys, no alphas (scale folded)"),
     "simpletuner": Layout(Format.SIMPLETUNER, "diffusers",
                           description="SimpleTuner: diffusers keys and metadata"),
-    "kohya": Layout(Format.KOHYA, None, native_families=("flux1", "sd3", "wan", "sdxl"),
+    "kohya": Layout(Format.KOHYA, None, native_families=("flux1", "sd3", "wan", "sdxl",
+                                                            "hunyuanvideo"),
                     description="kohya sd-scripts / musubi-tuner: `lora_unet_` + native names, "
                                 "fused qkv, `.alpha`"),
     "bfl": Layout(Format.BFL, "native",

@@ -87,6 +87,71 @@ def ltx():
     return m.to_empty(device="cpu")
 
 
+def hunyuan(width: int = 16, double: int = 1, single: int = 1, refiner: int = 1):
+    """HunyuanVideo with its real structure (double, single and token-refiner blocks), heads
+    of 8."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    with torch.device("meta"):
+        m = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=width // 8, attention_head_dim=8,
+            num_layers=double, num_single_layers=single, num_refiner_layers=refiner,
+            patch_size=1, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+            rope_axes_dim=(2, 2, 4))
+    return m.to_empty(device="cpu")
+
+
+def hunyuan_real(materialise: tuple[str, ...]):
+    """HunyuanVideo at its real width (3072, 24 heads of 128) with one double and one single
+    block on the meta device; only the listed modules get memory (the layers a file adapts)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    with torch.device("meta"):
+        m = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=24, attention_head_dim=128,
+            num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+            patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+            rope_axes_dim=(16, 56, 56))
+    names = dict(m.named_modules())
+    for n in materialise:
+        names[n].to_empty(device="cpu")
+    return m
+
+
+def lumina2(real: bool = False):
+    """Lumina-Image 2.0 with one layer and one block of each refiner; tiny (24 wide: 3 query heads,
+    1 key/value head of 8, Lumina's 3 : 1 : 1 qkv rows) or at the real attention width (2304, 24
+    and 8 heads of 96) with a small feed-forward, where only the blocks get memory."""
+    from diffusers import Lumina2Transformer2DModel
+
+    heads, kv, head_dim, rope = (24, 8, 96, (32, 32, 32)) if real else (3, 1, 8, (4, 2, 2))
+    with torch.device("meta"):
+        m = Lumina2Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, hidden_size=heads * head_dim,
+            num_layers=1, num_refiner_layers=1, num_attention_heads=heads, num_kv_heads=kv,
+            multiple_of=16, ffn_dim_multiplier=0.01 if real else None, axes_dim_rope=rope,
+            axes_lens=(8, 8, 8), cap_feat_dim=16)
+    if not real:
+        return m.to_empty(device="cpu")
+    for name in ("layers", "noise_refiner", "context_refiner"):
+        getattr(m, name).to_empty(device="cpu")
+    return m
+
+
+def hidream():
+    """HiDream-I1 with its real structure: double and single stream blocks with a 4-expert
+    mixture-of-experts feed-forward, a caption projection per Llama layer used and T5's."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    with torch.device("meta"):
+        m = HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+            attention_head_dim=8, num_attention_heads=2, caption_channels=[8, 4], text_emb_dim=16,
+            num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+            max_resolution=(16, 16), llama_layers=[0, 1])
+    return m.to_empty(device="cpu")
+
+
 def unet(sdxl: bool):
     from diffusers import UNet2DConditionModel
 
@@ -139,7 +204,9 @@ def applied(model) -> dict[str, torch.Tensor]:
 
 PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline",
-             "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline"}
+             "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline",
+             "hunyuanvideo": "HunyuanVideoPipeline", "lumina2": "Lumina2Pipeline",
+             "hidream": "HiDreamImagePipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:

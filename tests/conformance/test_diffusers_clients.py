@@ -7,13 +7,24 @@
 * diffusers reads: for each layout diffusers' converters read, a file built here by hand from the
   published key scheme (no lorakit) is applied by diffusers, and lorakit reads the same updates.
 
-Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video.
+Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video, HunyuanVideo,
+Lumina-Image 2.0, HiDream-I1.
 
 Known limits of diffusers 0.42 itself, asserted so that a fix upstream shows up here:
 kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, ``time_in``,
 ``vector_in``, ``guidance_in``, ``final_layer``: the converter leaves them without the
 ``transformer.`` prefix), and its kohya Flux reader splits ``linear1`` only at Flux.1's real width
-(3072), so that case runs on a real-width single block.
+(3072), so that case runs on a real-width single block. HunyuanVideo's original-names reader
+(``_convert_hunyuan_video_lora_to_diffusers``) likewise splits ``linear1`` only at 3072, splits
+the token refiner's ``self_attn_qkv`` A as if it were B (the load fails), swaps the halves of
+``final_layer.adaLN_modulation.1``'s A as well as B's (a wrong update), reads ``lora_A``/``lora_B``
+only and no file without a double block's ``img_attn_qkv``; it has no reader for musubi-tuner's
+kohya files (it fails on them). Its Lumina 2 reader of original names splits ``attention.qkv``
+only at the real width (2304 : 768 : 768, so those cases run on real-width blocks), needs every
+layer of every block it sees (qkv, out, w1-w3 and the modulation), takes no top-level module and
+no alpha (it fails on all of these). Its HiDream reader only strips ``diffusion_model.``: a
+ComfyUI file spelled ``lora_down``/``lora_up`` + ``.alpha`` fails to load (lorakit writes
+``lora_A``/``lora_B``, scales folded).
 """
 
 from __future__ import annotations
@@ -101,6 +112,13 @@ def _not_single_linear1(comp: str, name: str) -> bool:
     return not re.match(r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)$", name)
 
 
+def _hv_bfl_keep(comp: str, name: str) -> bool:
+    # what diffusers' HunyuanVideo reader gets wrong is tested apart (test_hunyuan_video_limits)
+    return not (re.match(r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)$", name)
+                or re.search(r"refiner_blocks\.\d+\.attn\.to_[qkv]$", name)
+                or name == "norm_out.linear")
+
+
 WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
     ("flux1", "diffusers", _flux_models, None, ()),
     ("flux1", "aitoolkit", _flux_models, None, ()),
@@ -126,6 +144,13 @@ WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
     ("qwenimage", "bfl", lambda: {"transformer": D.qwen()}, None, ()),
     ("ltxvideo", "diffusers", lambda: {"transformer": D.ltx()}, None, ()),
     ("ltxvideo", "bfl", lambda: {"transformer": D.ltx()}, None, ()),
+    ("hunyuanvideo", "diffusers", lambda: {"transformer": D.hunyuan()}, None, ()),
+    ("hunyuanvideo", "bfl", lambda: {"transformer": D.hunyuan()}, _hv_bfl_keep, ()),
+    ("lumina2", "diffusers", lambda: {"transformer": D.lumina2()}, None, ()),
+    ("lumina2", "bfl", lambda: {"transformer": D.lumina2(real=True)},
+     lambda c, n: n.startswith(("layers.", "noise_refiner.", "context_refiner.")), ()),
+    ("hidream", "diffusers", lambda: {"transformer": D.hidream()}, None, ()),
+    ("hidream", "bfl", lambda: {"transformer": D.hidream()}, None, ()),
 ]
 
 
@@ -159,6 +184,91 @@ def test_flux_kohya_linear1_at_real_width(tmp_path):
     fused = lorakit.load(file).modules["transformer.single_blocks.0.linear1"]
     assert fused.rank == 16 and fused.up.shape == (7 * 3072, 16)
     judge("flux1", file, models, expected(src, models))
+
+
+def test_hunyuan_video_linear1_at_real_width(tmp_path):
+    """HunyuanVideo's width: the single block's q, k, v and proj_mlp fuse into ``linear1`` (rank
+    4 x 4, block-diagonal B) in the ComfyUI file and diffusers splits it back exactly (its reader
+    needs a double block's ``img_attn_qkv`` to recognise the file: one is adapted too)."""
+    targets = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+               "transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.attn.to_q",
+               "single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.attn.to_v",
+               "single_transformer_blocks.0.proj_mlp")
+    models = {"transformer": D.hunyuan_real(targets)}
+    src = build(models, lambda c, n: n in targets, rank=4)
+    src.metadata["lorakit.family"] = "hunyuanvideo"  # shared names: Flux.1's otherwise
+    file = lorakit.save(src, tmp_path / "c.safetensors", "bfl")
+    fused = lorakit.load(file).modules["transformer.single_blocks.0.linear1"]
+    assert fused.rank == 16 and fused.up.shape == (7 * 3072, 16)
+    judge("hunyuanvideo", file, {"transformer": D.hunyuan_real(targets)}, expected(src, models))
+
+
+def test_hunyuan_video_limits_of_diffusers(tmp_path):
+    """diffusers 0.42's HunyuanVideo reader: musubi-tuner kohya files and the token refiner's
+    ``self_attn_qkv`` fail to load; ``final_layer.adaLN_modulation.1`` gets A's halves swapped
+    too. lorakit reads all three exactly."""
+    models = {"transformer": D.hunyuan()}
+    qkv = r"transformer_blocks\.0\.attn\.to_[qkv]$"  # diffusers' reader needs img_attn_qkv
+    src = build(models)
+    kohya = lorakit.save(src, tmp_path / "k.safetensors", "kohya")
+    with pytest.raises(RuntimeError):
+        D.diffusers_load("hunyuanvideo", kohya, {"transformer": D.hunyuan()})
+    back = to_naming(lorakit.load(kohya), adapter_family(src), "diffusers")
+    assert sorted(back.modules) == sorted(src.modules)
+    for k, m in back.modules.items():
+        assert float((_delta(m) - _delta(src.modules[k])).norm()) < 1e-9 * float(
+            _delta(src.modules[k]).norm()), k
+    refiner = build(models, lambda c, n: bool(re.match(qkv, n) or re.search(
+        r"refiner_blocks\.0\.attn\.to_[qkv]$", n)))
+    file = lorakit.save(refiner, tmp_path / "r.safetensors", "bfl")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        D.diffusers_load("hunyuanvideo", file, {"transformer": D.hunyuan()})
+    final = build(models, lambda c, n: bool(re.match(qkv, n)) or n == "norm_out.linear")
+    file = lorakit.save(final, tmp_path / "f.safetensors", "bfl", family="hunyuanvideo")
+    ms = {"transformer": D.hunyuan()}
+    D.diffusers_load("hunyuanvideo", file, ms)
+    got = D.applied(ms["transformer"])["norm_out.linear"]
+    m = final.modules["transformer.norm_out.linear"]
+    assert lorakit.load(file).modules["transformer.final_layer.adaLN_modulation.1"].up.shape == \
+        m.up.shape  # (2h, r): the swapped B, A as is
+    a, b = m.down.double(), m.up.double()  # A (r, in), B (2h, r)
+    wrong = m.scale * b @ torch.cat([a[1:], a[:1]])  # rank 2: A's two rows swapped back as well
+    assert float((got - wrong).norm()) < RTOL * float(wrong.norm())
+    assert float((got - _delta(m)).norm()) > 0.1 * float(_delta(m).norm())
+
+
+def test_lumina2_limits_of_diffusers(tmp_path):
+    """diffusers 0.42's Lumina 2 reader fails on a ComfyUI file below the real width, with a
+    top-level module, with a block missing a layer, or with alphas; lorakit reads each exactly."""
+    blocks = ("layers.", "noise_refiner.", "context_refiner.")
+    real = {"transformer": D.lumina2(real=True)}
+    full = build(real, lambda c, n: n.startswith(blocks))
+    cases = {  # name: (adapter, layout, error diffusers raises)
+        "tiny": (build({"transformer": D.lumina2()}, lambda c, n: n.startswith(blocks)), "bfl",
+                 RuntimeError),
+        "top-level": (build(real, lambda c, n: n.startswith(blocks) or n.startswith(
+            "time_caption_embed.")), "bfl", ValueError),
+        "missing-layer": (full.copy(modules={k: m for k, m in full.modules.items()
+                                             if "layers.0.feed_forward.linear_2" not in k}),
+                          "bfl", KeyError),
+    }
+    for name, (adapter, layout, error) in cases.items():
+        file = lorakit.save(adapter, tmp_path / f"{name}.safetensors", layout)
+        with pytest.raises(error):
+            D.diffusers_load("lumina2", file, {"transformer": D.lumina2()})
+        back = to_naming(lorakit.load(file), adapter_family(adapter), "diffusers")
+        assert sorted(back.modules) == sorted(adapter.modules), name
+        for k, m in back.modules.items():
+            ref = _delta(adapter.modules[k])
+            assert float((_delta(m) - ref).norm()) < RTOL * float(ref.norm()), (name, k)
+    g = torch.Generator().manual_seed(3)
+    state = _lumina2_original_state(real["transformer"], g)
+    state["diffusion_model.layers.0.attention.out.alpha"] = torch.tensor(1.0)
+    file = tmp_path / "alpha.safetensors"
+    save_file(state, str(file))
+    with pytest.raises(ValueError):
+        D.diffusers_load("lumina2", file, {"transformer": D.lumina2()})
+    assert lorakit.load(file).modules["transformer.layers.0.attention.out"].scale == 0.5
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
@@ -297,11 +407,12 @@ def _sgm_state(model, g) -> dict[str, torch.Tensor]:
     return out
 
 
-def _same_names_state(model, style: str, g) -> dict[str, torch.Tensor]:
-    """Qwen-Image / LTX-Video files outside diffusers: ``diffusion_model.`` + diffusers names
-    (``lora_down``/``lora_up`` + ``.alpha``, or ``lora_A``/``lora_B``)."""
+def _same_names_state(model, style: str, g, blocks=("transformer_blocks.",)
+                      ) -> dict[str, torch.Tensor]:
+    """Qwen-Image / LTX-Video / HiDream files outside diffusers: ``diffusion_model.`` + diffusers
+    names (``lora_down``/``lora_up`` + ``.alpha``, or ``lora_A``/``lora_B``) of the blocks."""
     out = {}
-    for name, (o, i) in D.linears(model, lambda n: n.startswith("transformer_blocks.")).items():
+    for name, (o, i) in D.linears(model, lambda n: n.startswith(blocks)).items():
         if style == "down_up":
             out[f"diffusion_model.{name}.lora_down.weight"] = _rand(g, 2, i)
             out[f"diffusion_model.{name}.lora_up.weight"] = _rand(g, o, 2)
@@ -310,6 +421,105 @@ def _same_names_state(model, style: str, g) -> dict[str, torch.Tensor]:
             out[f"diffusion_model.{name}.lora_A.weight"] = _rand(g, 2, i)
             out[f"diffusion_model.{name}.lora_B.weight"] = _rand(g, o, 2)
     return out
+
+
+_HV_ORIGINAL = {  # diffusers path below a block -> the original checkpoint's (published scheme)
+    "double": {"attn.to_out.0": "img_attn_proj", "attn.to_add_out": "txt_attn_proj",
+               "ff.net.0.proj": "img_mlp.fc1", "ff.net.2": "img_mlp.fc2",
+               "ff_context.net.0.proj": "txt_mlp.fc1", "ff_context.net.2": "txt_mlp.fc2",
+               "norm1.linear": "img_mod.linear", "norm1_context.linear": "txt_mod.linear"},
+    "single": {"proj_out": "linear2", "norm.linear": "modulation.linear"},
+    "refiner": {"attn.to_out.0": "self_attn_proj", "ff.net.0.proj": "mlp.fc1",
+                "ff.net.2": "mlp.fc2", "norm_out.linear": "adaLN_modulation.1"},
+    "top": {"context_embedder.proj_in": "txt_in.input_embedder",
+            "context_embedder.time_text_embed.timestep_embedder.linear_1": "txt_in.t_embedder.mlp.0",
+            "context_embedder.time_text_embed.timestep_embedder.linear_2": "txt_in.t_embedder.mlp.2",
+            "context_embedder.time_text_embed.text_embedder.linear_1": "txt_in.c_embedder.linear_1",
+            "context_embedder.time_text_embed.text_embedder.linear_2": "txt_in.c_embedder.linear_2",
+            "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "time_in.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+            "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+            "time_text_embed.guidance_embedder.linear_1": "guidance_in.mlp.0",
+            "time_text_embed.guidance_embedder.linear_2": "guidance_in.mlp.2",
+            "proj_out": "final_layer.linear"},
+}
+
+
+def _hv_original_state(model, g) -> dict[str, torch.Tensor]:
+    """A ComfyUI / original-names HunyuanVideo file (``diffusion_model.`` + ``lora_A``/``lora_B``,
+    the spelling diffusers reads): double blocks' fused ``img_attn_qkv``/``txt_attn_qkv`` and every
+    layer diffusers maps right (not ``linear1`` below width 3072, the refiner's qkv or
+    ``final_layer.adaLN_modulation.1``: see the limits test)."""
+    shapes = D.linears(model)
+    h = shapes["transformer_blocks.0.attn.to_q"][1]
+    mods = {"double_blocks.0.img_attn_qkv": (3 * h, h), "double_blocks.0.txt_attn_qkv": (3 * h, h)}
+    for name, (o, i) in shapes.items():
+        if m := re.match(r"transformer_blocks\.(\d+)\.(.+)$", name):
+            native = _HV_ORIGINAL["double"].get(m[2])
+            native = native and f"double_blocks.{m[1]}.{native}"
+        elif m := re.match(r"single_transformer_blocks\.(\d+)\.(.+)$", name):
+            native = _HV_ORIGINAL["single"].get(m[2])
+            native = native and f"single_blocks.{m[1]}.{native}"
+        elif m := re.match(r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(.+)$", name):
+            native = _HV_ORIGINAL["refiner"].get(m[2])
+            native = native and f"txt_in.individual_token_refiner.blocks.{m[1]}.{native}"
+        else:
+            native = _HV_ORIGINAL["top"].get(name)
+        if native:
+            mods[native] = (o, i)
+    out = {}
+    for native, (o, i) in mods.items():
+        out[f"diffusion_model.{native}.lora_A.weight"] = _rand(g, 2, i)
+        out[f"diffusion_model.{native}.lora_B.weight"] = _rand(g, o, 2)
+    return out
+
+
+_LUMINA2_ORIGINAL = {"attn.to_out.0": "attention.out", "feed_forward.linear_1": "feed_forward.w1",
+                     "feed_forward.linear_2": "feed_forward.w2",
+                     "feed_forward.linear_3": "feed_forward.w3",
+                     "norm1.linear": "adaLN_modulation.1"}
+
+
+def _lumina2_original_state(model, g) -> dict[str, torch.Tensor]:
+    """A ComfyUI / original-names Lumina 2 file of every block layer (what diffusers reads:
+    ``diffusion_model.layers.0.attention.qkv.lora_A.weight``, fused qkv of rows q + k + v)."""
+    out = {}
+    for name, (o, i) in D.linears(model, lambda n: n.startswith(
+            ("layers.", "noise_refiner.", "context_refiner."))).items():
+        block, _, sub = re.match(r"^(\w+\.\d+)\.(attn\.to_[qkv]$)?(.*)$", name).groups()
+        if sub == "":  # attn.to_q/k/v: one fused qkv per block, its rows q, k and v
+            native = f"{block}.attention.qkv"
+            if f"diffusion_model.{native}.lora_A.weight" in out:
+                continue
+            o = sum(D.linears(model)[f"{block}.attn.to_{c}"][0] for c in "qkv")
+        else:
+            native = f"{block}.{_LUMINA2_ORIGINAL[sub]}"
+        out[f"diffusion_model.{native}.lora_A.weight"] = _rand(g, 2, i)
+        out[f"diffusion_model.{native}.lora_B.weight"] = _rand(g, o, 2)
+    return out
+
+
+_HIDREAM = ("double_stream_blocks.", "single_stream_blocks.", "caption_projection.")
+
+
+def test_hidream_comfyui_down_up_alpha_is_lorakits_alone(tmp_path):
+    """A HiDream ComfyUI file spelled ``lora_down``/``lora_up`` + ``.alpha``: diffusers 0.42 fails
+    on it (its reader only strips ``diffusion_model.``); lorakit reads it and writes the
+    ``lora_A``/``lora_B`` file diffusers applies exactly."""
+    ms = {"transformer": D.hidream()}
+    state = _same_names_state(ms["transformer"], "down_up", torch.Generator().manual_seed(2),
+                              _HIDREAM)
+    file = tmp_path / "c.safetensors"
+    save_file(state, str(file))
+    with pytest.raises(IndexError):
+        D.diffusers_load("hidream", file, {"transformer": D.hidream()})
+    a = lorakit.load(file)
+    assert adapter_family(a).name == "hidream" and a.modules  # alpha 3, rank 2: scale 1.5
+    assert all(m.scale == 1.5 for m in a.modules.values())
+    out = lorakit.save(a, tmp_path / "ab.safetensors", "bfl")
+    judge("hidream", out, ms, {("transformer", k[len("transformer."):]): _delta(m)
+                               for k, m in a.modules.items()})
 
 
 READ_CASES = {  # name: (family, models, state builder)
@@ -330,6 +540,12 @@ READ_CASES = {  # name: (family, models, state builder)
                           lambda ms, g: _same_names_state(ms["transformer"], "down_up", g)),
     "ltxvideo-comfyui": ("ltxvideo", lambda: {"transformer": D.ltx()},
                          lambda ms, g: _same_names_state(ms["transformer"], "ab", g)),
+    "hunyuanvideo-comfyui": ("hunyuanvideo", lambda: {"transformer": D.hunyuan()},
+                             lambda ms, g: _hv_original_state(ms["transformer"], g)),
+    "lumina2-comfyui": ("lumina2", lambda: {"transformer": D.lumina2(real=True)},
+                        lambda ms, g: _lumina2_original_state(ms["transformer"], g)),
+    "hidream-comfyui": ("hidream", lambda: {"transformer": D.hidream()},
+                        lambda ms, g: _same_names_state(ms["transformer"], "ab", g, _HIDREAM)),
 }
 
 

@@ -17,6 +17,9 @@ from collections.abc import Iterable, Mapping
 
 from lorakit.formats.families.base import BlockType, Component, Family, Rule
 from lorakit.formats.families.flux import FLUX1
+from lorakit.formats.families.hidream import HIDREAM
+from lorakit.formats.families.hunyuan import HUNYUAN_VIDEO
+from lorakit.formats.families.lumina import LUMINA2
 from lorakit.formats.families.others import LTX_VIDEO, QWEN_IMAGE
 from lorakit.formats.families.sd import SD15, SDXL
 from lorakit.formats.families.sd3 import SD3
@@ -24,17 +27,19 @@ from lorakit.formats.families.wan import WAN
 from lorakit.naming import split_component
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
-                                                    LTX_VIDEO)}
+                                                    LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM)}
 
 # metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
-_META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("flux", "flux1"), ("stable-diffusion-v3", "sd3"), ("sd3", "sd3"),
+_META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanvideo"),
+               ("lumina", "lumina2"), ("hidream", "hidream"), ("flux", "flux1"),
+               ("stable-diffusion-v3", "sd3"), ("sd3", "sd3"),
                ("sdxl", "sdxl"), ("-xl-", "sdxl"), ("wan", "wan"), ("sd_v1", "sd15"),
                ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"))
 
 
 def get_family(name: str) -> Family:
     """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
-    ``qwenimage``, ``ltxvideo``).
+    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``).
 
     Example:
         >>> get_family("wan").title
@@ -126,6 +131,9 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
         if len(top) == 1:
             if top[0] == "sd15" and "text_encoder_2" in comps:
                 return SDXL  # SD 1.x has one text encoder
+            hint = _from_metadata(metadata or {})
+            if hint and FAMILIES[hint].twin_of == top[0]:
+                return FAMILIES[hint]  # names a twin shares (HunyuanVideo's Flux-like blocks)
             return FAMILIES[top[0]]
     hint = _from_metadata(metadata or {})
     if hint is None and shapes:
@@ -142,4 +150,5 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
 
 
 __all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
-           "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO"]
+           "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO",
+           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM"]

@@ -192,6 +192,8 @@ class Family:
         base_version: kohya ``ss_base_model_version``.
         markers: regexes over diffusers or native denoiser paths that identify the family.
         anti_markers: regexes no path of the family matches (a hit rules the family out).
+        twin_of: a family whose names this one shares (HunyuanVideo's blocks are spelled as
+            Flux.1's): a file the twin's markers claim is this family's when its metadata says so.
     """
 
     name: str
@@ -205,6 +207,7 @@ class Family:
     markers: tuple[str, ...] = ()
     anti_markers: tuple[str, ...] = ()
     native_known: tuple[str, ...] = field(default=())  # native paths no rule covers (same names)
+    twin_of: str = ""
 
     @property
     def denoiser(self) -> Component:
@@ -251,8 +254,12 @@ class Family:
             return False
         if comp.knows(path):
             return True
-        return comp is self.denoiser and any(self.native_rule(path, n) is not None
-                                             for n in ("native", *self.namings))
+        if comp is not self.denoiser:
+            return False
+        for naming in ("native", *self.namings):  # a native name: its parts, block counts too
+            if (hit := self.native_rule(path, naming)) is not None:
+                return all(comp.knows(p) for p in hit[1])
+        return False
 
 
 def indexed(*names: str) -> str:

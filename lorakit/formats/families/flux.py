@@ -74,6 +74,13 @@ XLABS = (
     Rule("single_blocks.{i}.processor.proj_lora", _s("proj_out")),
 )
 
+# HunyuanVideo names no Flux.1 file has (its original checkpoint's underscored attention names,
+# ``fc1``/``mod.linear``, its token refiner and embedders): a hit rules Flux.1 out
+HUNYUAN_ONLY = (r"^double_blocks\.\d+\.(img|txt)_(attn_(qkv|proj)|mlp\.fc[12]|mod\.linear)$",
+                r"^single_blocks\.\d+\.modulation\.linear$", r"^txt_in\.",
+                r"^context_embedder\.(proj_in|token_refiner\.|time_text_embed\.)",
+                r"^(img_in|x_embedder)\.proj$", r"^(time_in|guidance_in)\.mlp\.")
+
 TRANSFORMER = Component(
     "transformer", "transformer", "lora_unet_",
     known=(indexed(*_d(*DOUBLE_SUBS), *_s(*SINGLE_SUBS), *TOP),),
@@ -88,4 +95,5 @@ FLUX1 = Family(
     modelspec="flux-1-dev/lora", base_version="flux1",
     markers=(r"^single_transformer_blocks\.", r"^(double|single)_blocks\.",
              r"^time_text_embed\.guidance_embedder\.", r"^x_embedder$"),
+    anti_markers=HUNYUAN_ONLY,
 )

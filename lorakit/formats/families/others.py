@@ -44,5 +44,6 @@ LTX_VIDEO = Family(
     layouts=("diffusers", "bfl", "peft"), modelspec="ltx-video/lora", base_version="ltxv",
     markers=(r"^transformer_blocks\.\d+\.attn1\.", r"^caption_projection\.",
              r"^time_embed\.emb\."),
-    anti_markers=(r"^transformer_blocks\.\d+\.attn\.",),  # Flux.1 / SD3 / Qwen-Image blocks
+    anti_markers=(r"^transformer_blocks\.\d+\.attn\.",  # Flux.1 / SD3 / Qwen-Image blocks
+                  r"^caption_projection\.\d+\.linear$"),  # HiDream's projections
 )

@@ -66,5 +66,6 @@ SD3 = Family(
     modelspec="stable-diffusion-v3-medium/lora", base_version="sd3",
     markers=(r"^joint_blocks\.", r"^transformer_blocks\.\d+\.attn2\.", r"^pos_embed\.proj$",
              r"^(x|t|y)_embedder\."),
-    anti_markers=(r"^transformer_blocks\.\d+\.attn1\.",),  # LTX-Video's blocks
+    anti_markers=(r"^transformer_blocks\.\d+\.attn1\.",  # LTX-Video's blocks
+                  r"^(double|single)_stream_blocks\.", r"^t_embedder\.timestep_embedder\."),  # HiDream's
 )
