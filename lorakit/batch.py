@@ -521,6 +521,28 @@ def _installed_names(staged: Path, out: Path) -> tuple[list[str] | None, Any]:
     return sorted(p.name for p in staged.iterdir() if p.is_file()), None
 
 
+def finished(job: Job) -> bool:
+    """Whether ``job``'s output is in place with a record matching its input, options and files
+    (what a rerun skips). False where the input cannot be hashed here (an ``hf://`` source
+    not in this machine's cache).
+
+    Example:
+        >>> finished(jobs[0])                       # doctest: +SKIP
+        True
+    """
+    out = Path(job.output)
+    try:
+        local = local_path(job.source)
+        if not os.path.lexists(out) or not local.exists():
+            return False
+        rec = _read_record(out)
+        return bool(rec and rec.get("input_sha256") == digest(adapter_files(local))
+                    and rec.get("options_sha256") == job.options_digest
+                    and _record_matches(rec, out))
+    except (LorakitError, OSError):
+        return False
+
+
 def run_job(job: Job, force: bool = False, index: int = 0) -> JobResult:
     """Run one job in this process: skip it when its record matches, else load, transform,
     write atomically and record. Never raises for a bad input: the result says ``failed``.
@@ -793,4 +815,4 @@ def run_command(task: str, plan: SourcePlan, out_dir: str | Path, options: dict[
 
 __all__ = ["Executor", "Status", "BatchOptions", "Job", "JobResult", "BatchResult", "TASKS",
            "plan_jobs", "run_job", "run_batch", "run_command", "output_name", "job_command",
-           "record_path"]
+           "record_path", "finished"]

@@ -24,7 +24,8 @@
 * Failures: a worker or node that dies takes only its running job with it (outputs are written
   aside and renamed into place, so no finished output is lost); Ray retries the chunk
   (:data:`RETRIES` times, ``LORAKIT_RAY_RETRIES``) on a live node, where the jobs already done are
-  skipped by their records. A chunk that still fails reports its unfinished jobs failed. A cluster
+  skipped by their records. A chunk that still fails reports its unfinished jobs failed, except
+  those whose output is in place and recorded (finished before their result was sent: done). A cluster
   left without CPUs fails the jobs still queued after :data:`NO_CPU_TIMEOUT_S`
   (``LORAKIT_RAY_NO_CPU_TIMEOUT``) instead of waiting forever. Without
   ``keep_going`` the first failed job stops the run: the driver creates a stop file in the output
@@ -215,13 +216,18 @@ class _Drain:
             self.stop.touch()
 
     def fail(self, chunk: list[int], error: str, error_type: str) -> None:
-        from lorakit.batch import JobResult, Status
+        """The chunk's task died: its jobs not yet reported are failed, except those whose
+        output is in place and recorded (finished, their group not yet sent: done)."""
+        from lorakit.batch import JobResult, Status, finished
 
         for i in chunk:
-            if i not in self.seen and not self.stopped:
+            if i not in self.seen:
                 job = self.jobs[i]
-                self.result(JobResult(i, job.label, job.output, Status.FAILED, error=error,
-                                      error_type=error_type))
+                if finished(job):
+                    self.result(JobResult(i, job.label, job.output, Status.DONE))
+                elif not self.stopped:
+                    self.result(JobResult(i, job.label, job.output, Status.FAILED, error=error,
+                                          error_type=error_type))
 
     def run(self, chunks: list[list[int]], submit: Callable[[list[int]], Any],
             limit: int | None = None) -> None:

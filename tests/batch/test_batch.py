@@ -223,3 +223,21 @@ def test_local_pool_matches_inline_bytes(tmp_path):
     assert a.ok and b.ok and b.workers == 2
     assert visible_files(tmp_path / "a") == visible_files(tmp_path / "b")
     assert len(visible_files(tmp_path / "a")) == 18
+
+
+def test_finished_tells_a_recorded_output_from_a_changed_or_missing_one(tmp_path):
+    """What the Ray driver checks for the jobs of a chunk whose worker died before reporting."""
+    from lorakit.batch import finished
+
+    make_collection(tmp_path / "in", 2)
+    jobs = plan_jobs("resize", expand([str(tmp_path / "in")]), tmp_path / "out",
+                     {"policy": {"rank": 2}})
+    assert not any(finished(j) for j in jobs)
+    assert run_batch(jobs, BatchOptions(jobs=1)).ok
+    assert all(finished(j) for j in jobs)
+    weights = next(p for p in Path(jobs[0].output).iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes() + b" ")  # changed after the batch wrote it
+    assert not finished(jobs[0]) and finished(jobs[1])
+    other = plan_jobs("resize", expand([str(tmp_path / "in")]), tmp_path / "out",
+                      {"policy": {"rank": 1}})  # other options: not this job's output
+    assert not finished(other[1])

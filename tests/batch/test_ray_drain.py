@@ -192,3 +192,12 @@ def test_a_chunk_that_raised_on_the_worker_names_the_cause(tmp_path):
     taken, _, _ = drain({(0, 1): [err]}, 2, tmp_path, keep_going=True)
     assert [r.error for r in taken] == [
         "Ray task failed: ModuleNotFoundError: No module named 'safetensors'"] * 2
+
+
+def test_a_dead_chunk_reports_its_recorded_jobs_done(tmp_path, monkeypatch):
+    # jobs 0 and 1 finished (output and record in place) but their group was never sent
+    monkeypatch.setattr("lorakit.batch.finished", lambda job: job.label in ("a0", "a1"))
+    died = RayError("Task failed because the node it was running on is dead.")
+    taken, _, _ = drain({(0, 1, 2): [died]}, 3, tmp_path, keep_going=True)
+    assert [(r.index, r.status) for r in taken] == [(0, Status.DONE), (1, Status.DONE),
+                                                   (2, Status.FAILED)]
