@@ -54,6 +54,9 @@ _COMPOUND = {
     "label_emb", "qkv_lora1", "qkv_lora2", "proj_lora1", "proj_lora2", "qkv_lora", "proj_lora",
     "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer", "out_layer",
     "adaLN_modulation",
+    # Flux.2: shared modulations, fused single-block layers, SwiGLU feed-forwards
+    "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
+    "to_qkv_mlp_proj", "linear_in", "linear_out", "time_guidance_embed",
     # LLM families: T5 v1.1 / Flan-T5 gated FFN, Phi-3, Mixtral, Qwen2-MoE, GPT-J, GPT-NeoX,
     # Whisper/BART, Mamba, CLIP vision, LLaVA-style wrappers
     "wi_0", "wi_1", "qkv_proj", "gate_up_proj", "block_sparse_moe", "shared_expert", "fc_in",

@@ -275,7 +275,8 @@ _IMPLEMENTATION = {"flux1": "https://github.com/black-forest-labs/flux",
                    "sd3": "https://github.com/Stability-AI/sd3.5",
                    "sdxl": "https://github.com/Stability-AI/generative-models",
                    "sd15": "diffusers", "wan": "https://github.com/Wan-Video/Wan2.1",
-                   "hunyuanvideo": "https://github.com/Tencent/HunyuanVideo"}
+                   "hunyuanvideo": "https://github.com/Tencent/HunyuanVideo",
+                   "flux2": "https://github.com/black-forest-labs/flux2"}
 
 
 def _family_metadata(adapter: Adapter, family: Family | None, meta: dict[str, str]) -> None:

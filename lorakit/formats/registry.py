@@ -88,7 +88,7 @@ LAYOUTS: dict[str, Layout] = {
     "simpletuner": Layout(Format.SIMPLETUNER, "diffusers",
                           description="SimpleTuner: diffusers keys and metadata"),
     "kohya": Layout(Format.KOHYA, None, native_families=("flux1", "sd3", "wan", "sdxl",
-                                                            "hunyuanvideo"),
+                                                            "hunyuanvideo", "flux2"),
                     description="kohya sd-scripts / musubi-tuner: `lora_unet_` + native names, "
                                 "fused qkv, `.alpha`"),
     "bfl": Layout(Format.BFL, "native",

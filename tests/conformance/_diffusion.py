@@ -118,6 +118,19 @@ def hunyuan_real(materialise: tuple[str, ...]):
     return m
 
 
+def flux2(width: int = 16, double: int = 1, single: int = 1):
+    """Flux.2 with its real structure (double blocks with SwiGLU feed-forwards, single blocks of
+    one fused ``to_qkv_mlp_proj`` and ``to_out``, shared modulations), heads of 8."""
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        m = Flux2Transformer2DModel(
+            patch_size=1, in_channels=4, num_layers=double, num_single_layers=single,
+            attention_head_dim=8, num_attention_heads=width // 8, joint_attention_dim=24,
+            timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=True)
+    return m.to_empty(device="cpu")
+
+
 def lumina2(real: bool = False):
     """Lumina-Image 2.0 with one layer and one block of each refiner; tiny (24 wide: 3 query heads,
     1 key/value head of 8, Lumina's 3 : 1 : 1 qkv rows) or at the real attention width (2304, 24
@@ -206,7 +219,7 @@ PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline",
              "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline",
              "hunyuanvideo": "HunyuanVideoPipeline", "lumina2": "Lumina2Pipeline",
-             "hidream": "HiDreamImagePipeline"}
+             "hidream": "HiDreamImagePipeline", "flux2": "Flux2Pipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:

@@ -8,7 +8,7 @@
   published key scheme (no lorakit) is applied by diffusers, and lorakit reads the same updates.
 
 Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video, HunyuanVideo,
-Lumina-Image 2.0, HiDream-I1.
+Lumina-Image 2.0, HiDream-I1, Flux.2.
 
 Known limits of diffusers 0.42 itself, asserted so that a fix upstream shows up here:
 kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, ``time_in``,
@@ -24,7 +24,12 @@ only at the real width (2304 : 768 : 768, so those cases run on real-width block
 layer of every block it sees (qkv, out, w1-w3 and the modulation), takes no top-level module and
 no alpha (it fails on all of these). Its HiDream reader only strips ``diffusion_model.``: a
 ComfyUI file spelled ``lora_down``/``lora_up`` + ``.alpha`` fails to load (lorakit writes
-``lora_A``/``lora_B``, scales folded).
+``lora_A``/``lora_B``, scales folded). Its Flux.2 kohya reader drops ``guidance_in``, the shared
+modulations and ``final_layer.adaLN_modulation.1`` (a warning, nothing applied); its Flux.2
+ComfyUI reader reads ``final_layer.adaLN_modulation.1`` without the shift/scale swap (a wrong
+update), takes no alpha and takes a ``lora_down``/``lora_up`` file for a kohya one (nothing is
+applied), so lorakit writes Flux.2 ComfyUI files as ``lora_A``/``lora_B``, scales folded. Neither
+Flux.2 reader depends on the width (``linear1`` stays one fused layer), so tiny models suffice.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ pytest.importorskip("peft")
 import lorakit  # noqa: E402
 from lorakit.adapter import Adapter, LoraModule  # noqa: E402
 from lorakit.formats import adapter_family  # noqa: E402
+from lorakit.formats.families import FLUX2  # noqa: E402
 from lorakit.formats.rename import to_naming  # noqa: E402
 from tests.conformance import _diffusion as D  # noqa: E402
 
@@ -48,6 +54,12 @@ pytestmark = pytest.mark.conformance
 RTOL = 1e-5
 # Flux top-level modules diffusers 0.42 drops from kohya / ComfyUI files (see the docstring)
 FLUX_TOP = ("x_embedder", "context_embedder", "proj_out", "norm_out.linear", "time_text_embed.")
+
+
+# Flux.2 modules diffusers 0.42's kohya reader drops (with a warning): guidance_in, the shared
+# modulations and final_layer.adaLN_modulation.1 (see the docstring)
+FLUX2_KOHYA_DROPPED = ("time_guidance_embed.guidance_embedder.", "double_stream_modulation_",
+                       "single_stream_modulation.", "norm_out.linear")
 
 
 def _model_path(comp: str, key_path: str, models=None) -> str:
@@ -151,6 +163,9 @@ WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
      lambda c, n: n.startswith(("layers.", "noise_refiner.", "context_refiner.")), ()),
     ("hidream", "diffusers", lambda: {"transformer": D.hidream()}, None, ()),
     ("hidream", "bfl", lambda: {"transformer": D.hidream()}, None, ()),
+    ("flux2", "diffusers", lambda: {"transformer": D.flux2()}, None, ()),
+    ("flux2", "kohya", lambda: {"transformer": D.flux2()}, None, FLUX2_KOHYA_DROPPED),
+    ("flux2", "bfl", lambda: {"transformer": D.flux2()}, lambda c, n: n != "norm_out.linear", ()),
 ]
 
 
@@ -500,6 +515,117 @@ def _lumina2_original_state(model, g) -> dict[str, torch.Tensor]:
     return out
 
 
+_FLUX2_ORIGINAL = {  # diffusers path (below a block) -> BFL name (published scheme)
+    "double": {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+               "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+               "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"},
+    "single": {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"},
+    "top": {"x_embedder": "img_in", "context_embedder": "txt_in",
+            "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+            "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+            "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+            "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+            "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+            "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+            "single_stream_modulation.linear": "single_stream_modulation.lin",
+            "proj_out": "final_layer.linear"},
+}
+# what diffusers 0.42's kohya Flux.2 reader maps (the rest it drops)
+_FLUX2_KOHYA_TOP = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer",
+                    "final_layer.linear")
+
+
+def _flux2_original_state(model, style: str, g) -> dict[str, torch.Tensor]:
+    """A Flux.2 file of BFL names: ComfyUI (``diffusion_model.`` + ``lora_A``/``lora_B``, no
+    alpha: what diffusers reads) or kohya (``lora_unet_`` + ``lora_down``/``lora_up`` +
+    ``.alpha``), the double blocks' fused ``img_attn.qkv``/``txt_attn.qkv`` and every layer
+    diffusers maps right (not ``final_layer.adaLN_modulation.1``; kohya: only the layers its
+    kohya reader maps). Ranks 4 (qkv: not a multiple of 3, so A is shared, as trainers write)."""
+    shapes = D.linears(model)
+    h = shapes["transformer_blocks.0.attn.to_q"][1]
+    mods = {}
+    for name, (o, i) in shapes.items():
+        if m := re.match(r"transformer_blocks\.(\d+)\.attn\.(to_q|add_q_proj)$", name):
+            stream = "img" if m[2] == "to_q" else "txt"
+            mods[f"double_blocks.{m[1]}.{stream}_attn.qkv"] = (3 * h, h)
+        elif m := re.match(r"transformer_blocks\.(\d+)\.(.+)$", name):
+            if native := _FLUX2_ORIGINAL["double"].get(m[2]):
+                mods[f"double_blocks.{m[1]}.{native}"] = (o, i)
+        elif m := re.match(r"single_transformer_blocks\.(\d+)\.(.+)$", name):
+            mods[f"single_blocks.{m[1]}.{_FLUX2_ORIGINAL['single'][m[2]]}"] = (o, i)
+        elif native := _FLUX2_ORIGINAL["top"].get(name):
+            if style == "comfy" or native in _FLUX2_KOHYA_TOP:
+                mods[native] = (o, i)
+    out = {}
+    for native, (o, i) in mods.items():
+        if style == "kohya":
+            stem = "lora_unet_" + native.replace(".", "_")
+            out[f"{stem}.lora_down.weight"] = _rand(g, 4, i)
+            out[f"{stem}.lora_up.weight"] = _rand(g, o, 4)
+            out[f"{stem}.alpha"] = torch.tensor(2.0)
+        else:
+            out[f"diffusion_model.{native}.lora_A.weight"] = _rand(g, 4, i)
+            out[f"diffusion_model.{native}.lora_B.weight"] = _rand(g, o, 4)
+    return out
+
+
+def test_flux2_limits_of_diffusers(tmp_path):
+    """diffusers 0.42's Flux.2 readers: the kohya one drops ``guidance_in``, the shared
+    modulations and ``final_layer.adaLN_modulation.1`` (a warning); the BFL one reads
+    ``final_layer.adaLN_modulation.1`` without the shift/scale swap (a wrong update), and takes a
+    ComfyUI file spelled ``lora_down``/``lora_up`` + ``.alpha`` for a kohya one (nothing is
+    applied). lorakit reads all of these exactly and writes files diffusers applies right."""
+    models = {"transformer": D.flux2()}
+    src = build(models)
+    kohya = lorakit.save(src, tmp_path / "k.safetensors", "kohya")
+    ms = {"transformer": D.flux2()}
+    D.diffusers_load("flux2", kohya, ms)
+    got = D.applied(ms["transformer"])
+    lost = {k[len("transformer."):] for k in src.modules} - set(got)
+    assert lost and all(p.startswith(FLUX2_KOHYA_DROPPED) for p in lost), sorted(lost)
+    assert {p for p in lost if not p.startswith("time_guidance")} == {
+        "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+        "single_stream_modulation.linear", "norm_out.linear"}
+    back = to_naming(lorakit.load(kohya), adapter_family(src), "diffusers")
+    assert sorted(back.modules) == sorted(src.modules)
+    for k, m in back.modules.items():
+        ref = _delta(src.modules[k])
+        assert float((_delta(m) - ref).norm()) < RTOL * float(ref.norm()), k
+    final = build(models, lambda c, n: n in ("norm_out.linear", "transformer_blocks.0.attn.to_q"))
+    file = lorakit.save(final, tmp_path / "f.safetensors", "bfl", family="flux2")
+    ms = {"transformer": D.flux2()}
+    D.diffusers_load("flux2", file, ms)
+    got = D.applied(ms["transformer"])["norm_out.linear"]
+    m = final.modules["transformer.norm_out.linear"]
+    a, b = m.down.double(), m.up.double()
+    h = b.shape[0] // 2
+    wrong = m.scale * torch.cat([b[h:], b[:h]]) @ a  # the file's (shift, scale) B, unswapped
+    assert float((got - wrong).norm()) < RTOL * float(wrong.norm())
+    assert float((got - _delta(m)).norm()) > 0.1 * float(_delta(m).norm())
+    back = to_naming(lorakit.load(file), FLUX2, "diffusers")
+    ref = _delta(m)
+    assert float((_delta(back.modules["transformer.norm_out.linear"]) - ref).norm()) < \
+        RTOL * float(ref.norm())
+    g = torch.Generator().manual_seed(4)
+    state = {}
+    for k, v in _flux2_original_state(models["transformer"], "comfy", g).items():
+        k = k.replace("lora_A", "lora_down").replace("lora_B", "lora_up")
+        state[k] = v
+        if k.endswith("lora_down.weight"):
+            state[k.replace("lora_down.weight", "alpha")] = torch.tensor(8.0)  # scale 2
+    comfy = tmp_path / "c.safetensors"
+    save_file(state, str(comfy))
+    ms = {"transformer": D.flux2()}
+    D.diffusers_load("flux2", comfy, ms)
+    assert D.applied(ms["transformer"]) == {}
+    a = lorakit.load(comfy)
+    assert adapter_family(a).name == "flux2" and all(m.scale == 2.0 for m in a.modules.values())
+    out = lorakit.save(a, tmp_path / "ab.safetensors", "bfl")
+    judge("flux2", out, {"transformer": D.flux2()},
+          {("transformer", k[len("transformer."):]): _delta(m)
+           for k, m in to_naming(a, FLUX2, "diffusers").modules.items()})
+
+
 _HIDREAM = ("double_stream_blocks.", "single_stream_blocks.", "caption_projection.")
 
 
@@ -546,6 +672,10 @@ READ_CASES = {  # name: (family, models, state builder)
                         lambda ms, g: _lumina2_original_state(ms["transformer"], g)),
     "hidream-comfyui": ("hidream", lambda: {"transformer": D.hidream()},
                         lambda ms, g: _same_names_state(ms["transformer"], "ab", g, _HIDREAM)),
+    "flux2-comfyui": ("flux2", lambda: {"transformer": D.flux2()},
+                      lambda ms, g: _flux2_original_state(ms["transformer"], "comfy", g)),
+    "flux2-kohya": ("flux2", lambda: {"transformer": D.flux2()},
+                    lambda ms, g: _flux2_original_state(ms["transformer"], "kohya", g)),
 }
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 
 from lorakit.formats.families.base import BlockType, Component, Family, Rule
 from lorakit.formats.families.flux import FLUX1
+from lorakit.formats.families.flux2 import FLUX2, has_flux2_proportions
 from lorakit.formats.families.hidream import HIDREAM
 from lorakit.formats.families.hunyuan import HUNYUAN_VIDEO
 from lorakit.formats.families.lumina import LUMINA2
@@ -27,11 +28,13 @@ from lorakit.formats.families.wan import WAN
 from lorakit.naming import split_component
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
-                                                    LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM)}
+                                                    LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM,
+                                                    FLUX2)}
 
 # metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
 _META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanvideo"),
-               ("lumina", "lumina2"), ("hidream", "hidream"), ("flux", "flux1"),
+               ("lumina", "lumina2"), ("hidream", "hidream"), ("flux-2", "flux2"),
+               ("flux2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
                ("stable-diffusion-v3", "sd3"), ("sd3", "sd3"),
                ("sdxl", "sdxl"), ("-xl-", "sdxl"), ("wan", "wan"), ("sd_v1", "sd15"),
                ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"))
@@ -39,7 +42,7 @@ _META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanv
 
 def get_family(name: str) -> Family:
     """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
-    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``).
+    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``).
 
     Example:
         >>> get_family("wan").title
@@ -99,7 +102,7 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
     Names decide first (the family with the most marker hits; SDXL over SD 1.x when a second text
     encoder is present), then ``metadata`` (``lorakit.family``, ``modelspec.architecture``,
     ``ss_base_model_version``), then ``shapes`` (``{key: (out, in)}``) for names two families
-    share.
+    share (Flux.2's proportions on the BFL names it shares with Flux.1).
 
     Example:
         >>> detect_family(["transformer.blocks.0.attn1.to_q"]).name
@@ -134,6 +137,11 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
             hint = _from_metadata(metadata or {})
             if hint and FAMILIES[hint].twin_of == top[0]:
                 return FAMILIES[hint]  # names a twin shares (HunyuanVideo's Flux-like blocks)
+            if top[0] == "flux1" and shapes:
+                plain = {split_component(k)[1] if component_prefix else k: v
+                         for k, v in shapes.items()}
+                if has_flux2_proportions(denoiser, plain):
+                    return FLUX2  # Flux.2's BFL names are Flux.1's; its shapes are not
             return FAMILIES[top[0]]
     hint = _from_metadata(metadata or {})
     if hint is None and shapes:
@@ -151,4 +159,4 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
 
 __all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
            "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO",
-           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM"]
+           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2"]
