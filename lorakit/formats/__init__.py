@@ -42,9 +42,9 @@ def load_adapter(path: str | Path, format: Format | str | None = None, *,
     :func:`lorakit.load` / :mod:`lorakit.sources`.
 
     ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
-    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``). Keys that
-    fit no layout role or name no module of the family are an error naming them, or with
-    ``ignore_unknown`` are dropped and listed (:func:`lorakit.formats.coverage.ignored`).
+    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``,
+    ``zimage``). Keys that fit no layout role or name no module of the family are an error
+    naming them, or with ``ignore_unknown`` are dropped and listed (:func:`lorakit.formats.coverage.ignored`).
     Any failure is a :class:`~lorakit.errors.LorakitError` naming the file, key and problem.
 
     Example:
@@ -264,7 +264,7 @@ _CLASS_COMPONENT = {
     "FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_3",
     "WanTransformer3DModel": "transformer", "HunyuanVideoTransformer3DModel": "transformer",
     "Lumina2Transformer2DModel": "transformer", "HiDreamImageTransformer2DModel": "transformer",
-    "Flux2Transformer2DModel": "transformer",
+    "Flux2Transformer2DModel": "transformer", "ZImageTransformer2DModel": "transformer",
 }
 _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                    "wan": "WanTransformer3DModel", "sdxl": "UNet2DConditionModel",
@@ -272,7 +272,7 @@ _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DMo
                    "hunyuanvideo": "HunyuanVideoTransformer3DModel",
                    "lumina2": "Lumina2Transformer2DModel",
                    "hidream": "HiDreamImageTransformer2DModel",
-                   "flux2": "Flux2Transformer2DModel"}
+                   "flux2": "Flux2Transformer2DModel", "zimage": "ZImageTransformer2DModel"}
 
 
 def infer_component(adapter: Adapter) -> str | None:

@@ -25,14 +25,16 @@ from lorakit.formats.families.others import LTX_VIDEO, QWEN_IMAGE
 from lorakit.formats.families.sd import SD15, SDXL
 from lorakit.formats.families.sd3 import SD3
 from lorakit.formats.families.wan import WAN
+from lorakit.formats.families.zimage import ZIMAGE, has_zimage_proportions
 from lorakit.naming import split_component
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
                                                     LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM,
-                                                    FLUX2)}
+                                                    FLUX2, ZIMAGE)}
 
 # metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
 _META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanvideo"),
+               ("z-image", "zimage"), ("zimage", "zimage"), ("z_image", "zimage"),
                ("lumina", "lumina2"), ("hidream", "hidream"), ("flux-2", "flux2"),
                ("flux2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
                ("stable-diffusion-v3", "sd3"), ("sd3", "sd3"),
@@ -42,7 +44,7 @@ _META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanv
 
 def get_family(name: str) -> Family:
     """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
-    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``).
+    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``).
 
     Example:
         >>> get_family("wan").title
@@ -93,6 +95,19 @@ def _from_shapes(denoiser: list[str], shapes: Mapping[str, tuple[int, int]]) -> 
     return None
 
 
+def _shape_twin(top: str, denoiser: list[str], shapes: Mapping[str, tuple[int, int]],
+                component_prefix: bool) -> Family | None:
+    """The family whose shapes a file of names it shares with ``top`` has: Flux.2's BFL names
+    are Flux.1's (its proportions are not), Z-Image's original names are Lumina 2's (its qkv
+    is 3 x its input)."""
+    twin, test = {"flux1": (FLUX2, has_flux2_proportions),
+                  "lumina2": (ZIMAGE, has_zimage_proportions)}.get(top, (None, None))
+    if twin is None:
+        return None
+    plain = {split_component(k)[1] if component_prefix else k: v for k, v in shapes.items()}
+    return twin if test(denoiser, plain) else None
+
+
 def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None,
                   shapes: Mapping[str, tuple[int, int]] | None = None,
                   component_prefix: bool = True) -> Family | None:
@@ -137,11 +152,8 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
             hint = _from_metadata(metadata or {})
             if hint and FAMILIES[hint].twin_of == top[0]:
                 return FAMILIES[hint]  # names a twin shares (HunyuanVideo's Flux-like blocks)
-            if top[0] == "flux1" and shapes:
-                plain = {split_component(k)[1] if component_prefix else k: v
-                         for k, v in shapes.items()}
-                if has_flux2_proportions(denoiser, plain):
-                    return FLUX2  # Flux.2's BFL names are Flux.1's; its shapes are not
+            if shapes and (twin := _shape_twin(top[0], denoiser, shapes, component_prefix)):
+                return twin
             return FAMILIES[top[0]]
     hint = _from_metadata(metadata or {})
     if hint is None and shapes:
@@ -159,4 +171,4 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
 
 __all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
            "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO",
-           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2"]
+           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE"]
