@@ -151,6 +151,19 @@ def lumina2(real: bool = False):
     return m
 
 
+def zimage():
+    """Z-Image with one layer and one block of each refiner, 24 wide (3 heads of 8, as many
+    key/value heads), patch 2: its real names (``attention.to_q``, ``feed_forward.w1``,
+    ``adaLN_modulation.0``, ``all_x_embedder.2-1``, ``all_final_layer.2-1.linear``)."""
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.device("meta"):
+        m = ZImageTransformer2DModel(
+            in_channels=4, dim=24, n_layers=1, n_refiner_layers=1, n_heads=3, n_kv_heads=3,
+            cap_feat_dim=16, axes_dims=[4, 2, 2], axes_lens=[8, 8, 8])
+    return m.to_empty(device="cpu")
+
+
 def hidream():
     """HiDream-I1 with its real structure: double and single stream blocks with a 4-expert
     mixture-of-experts feed-forward, a caption projection per Llama layer used and T5's."""
@@ -219,7 +232,8 @@ PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline",
              "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline",
              "hunyuanvideo": "HunyuanVideoPipeline", "lumina2": "Lumina2Pipeline",
-             "hidream": "HiDreamImagePipeline", "flux2": "Flux2Pipeline"}
+             "hidream": "HiDreamImagePipeline", "flux2": "Flux2Pipeline",
+             "zimage": "ZImagePipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:

@@ -8,7 +8,7 @@
   published key scheme (no lorakit) is applied by diffusers, and lorakit reads the same updates.
 
 Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video, HunyuanVideo,
-Lumina-Image 2.0, HiDream-I1, Flux.2.
+Lumina-Image 2.0, HiDream-I1, Flux.2, Z-Image.
 
 Known limits of diffusers 0.42 itself, asserted so that a fix upstream shows up here:
 kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, ``time_in``,
@@ -30,6 +30,9 @@ ComfyUI reader reads ``final_layer.adaLN_modulation.1`` without the shift/scale 
 update), takes no alpha and takes a ``lora_down``/``lora_up`` file for a kohya one (nothing is
 applied), so lorakit writes Flux.2 ComfyUI files as ``lora_A``/``lora_B``, scales folded. Neither
 Flux.2 reader depends on the width (``linear1`` stays one fused layer), so tiny models suffice.
+Its Z-Image reader splits a fused ``attention.qkv`` only in the dotted ``.lora.down.weight``
+spelling: a ComfyUI ``lora_down``/``lora_up`` (or ``lora_A``/``lora_B``) file's qkv is dropped
+("unexpected keys", a warning), so lorakit's Z-Image ComfyUI files reach diffusers without q, k, v.
 """
 
 from __future__ import annotations
@@ -166,6 +169,10 @@ WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
     ("flux2", "diffusers", lambda: {"transformer": D.flux2()}, None, ()),
     ("flux2", "kohya", lambda: {"transformer": D.flux2()}, None, FLUX2_KOHYA_DROPPED),
     ("flux2", "bfl", lambda: {"transformer": D.flux2()}, lambda c, n: n != "norm_out.linear", ()),
+    ("zimage", "diffusers", lambda: {"transformer": D.zimage()}, None, ()),
+    # diffusers splits no fused attention.qkv of a lora_down/lora_A file (test_zimage_limits)
+    ("zimage", "bfl", lambda: {"transformer": D.zimage()},
+     lambda c, n: not re.search(r"attention\.to_[qkv]$", n), ()),
 ]
 
 
@@ -676,7 +683,50 @@ READ_CASES = {  # name: (family, models, state builder)
                       lambda ms, g: _flux2_original_state(ms["transformer"], "comfy", g)),
     "flux2-kohya": ("flux2", lambda: {"transformer": D.flux2()},
                     lambda ms, g: _flux2_original_state(ms["transformer"], "kohya", g)),
+    "zimage-comfyui": ("zimage", lambda: {"transformer": D.zimage()},
+                       lambda ms, g: _zimage_original_state(ms["transformer"], g)),
 }
+
+
+def _zimage_original_state(model, g, qkv=False) -> dict[str, torch.Tensor]:
+    """A ComfyUI / original-names Z-Image file (``diffusion_model.`` + ``lora_down``/
+    ``lora_up`` + ``.alpha``, what diffusers' reader takes): every layer under its original name,
+    ``attention.out`` for ``attention.to_out.0``; with ``qkv`` the attention's q, k, v as one
+    fused ``attention.qkv``, else split (``attention.to_q``...)."""
+    out = {}
+    lin = D.linears(model)
+    for name, (o, i) in lin.items():
+        native = name.replace("attention.to_out.0", "attention.out")
+        if qkv and (m := re.match(r"^(.*)\.attention\.to_([qkv])$", name)):
+            if m[2] != "q":
+                continue
+            native = f"{m[1]}.attention.qkv"
+            o = sum(lin[f"{m[1]}.attention.to_{c}"][0] for c in "qkv")
+        out[f"diffusion_model.{native}.lora_down.weight"] = _rand(g, 2, i)
+        out[f"diffusion_model.{native}.lora_up.weight"] = _rand(g, o, 2)
+        out[f"diffusion_model.{native}.alpha"] = torch.tensor(3.0)
+    return out
+
+
+def test_zimage_limits_of_diffusers(tmp_path):
+    """diffusers 0.42's Z-Image reader splits a fused ``attention.qkv`` only in its dotted
+    ``.lora.down.weight`` spelling: a ComfyUI ``lora_down``/``lora_up`` file's qkv is left fused
+    and dropped ("unexpected keys", nothing applied to q, k, v; the other layers are); lorakit
+    reads it, split exactly, so lorakit's ComfyUI files load in diffusers without q, k, v."""
+    g = torch.Generator().manual_seed(3)
+    state = _zimage_original_state(D.zimage(), g, qkv=True)
+    file = tmp_path / "qkv.safetensors"
+    save_file(state, str(file))
+    a = lorakit.load(file)
+    assert adapter_family(a).name == "zimage"
+    d = to_naming(a, adapter_family(a), "diffusers").modules
+    assert "transformer.layers.0.attention.to_v" in d
+    model = D.zimage()
+    D.diffusers_load("zimage", file, {"transformer": model})
+    got = D.applied(model)
+    assert not [n for n in got if re.search(r"attention\.to_[qkv]$", n)]
+    assert {n for n in got} == {k[len("transformer."):] for k in d
+                                if not re.search(r"attention\.to_[qkv]$", k)}
 
 
 @pytest.mark.parametrize("case", list(READ_CASES))
