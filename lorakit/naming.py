@@ -57,6 +57,9 @@ _COMPOUND = {
     # Flux.2: shared modulations, fused single-block layers, SwiGLU feed-forwards
     "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
     "to_qkv_mlp_proj", "linear_in", "linear_out", "time_guidance_embed",
+    # Z-Image: refiner blocks, feed-forwards, per-patch-size embedders
+    "noise_refiner", "context_refiner", "feed_forward", "cap_embedder", "all_x_embedder",
+    "all_final_layer",
     # LLM families: T5 v1.1 / Flan-T5 gated FFN, Phi-3, Mixtral, Qwen2-MoE, GPT-J, GPT-NeoX,
     # Whisper/BART, Mamba, CLIP vision, LLaVA-style wrappers
     "wi_0", "wi_1", "qkv_proj", "gate_up_proj", "block_sparse_moe", "shared_expert", "fc_in",

@@ -57,7 +57,7 @@ from lorakit.naming import KOHYA_PREFIXES, dotted_to_kohya, kohya_to_dotted, spl
 # file suffix -> slot of the module's parts ("alpha" is read as a number)
 SUFFIXES: dict[str, str] = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
                             "dora_scale": "magnitude"}
-_KEY = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+?)(?P<sep>[._])(?P<role>"
+_KEY = re.compile(r"^(?P<name>lora_[A-Za-z0-9_-]+?)(?P<sep>[._])(?P<role>"
                   + "|".join(re.escape(s) for s in SUFFIXES) + r")$")
 
 SDXL_TE_KEY = "lorakit.kohya_te_prefix"  # metadata key: the text-encoder prefix read

@@ -170,6 +170,7 @@ WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
     ("flux2", "kohya", lambda: {"transformer": D.flux2()}, None, FLUX2_KOHYA_DROPPED),
     ("flux2", "bfl", lambda: {"transformer": D.flux2()}, lambda c, n: n != "norm_out.linear", ()),
     ("zimage", "diffusers", lambda: {"transformer": D.zimage()}, None, ()),
+    ("zimage", "kohya", lambda: {"transformer": D.zimage()}, None, ()),
     # diffusers splits no fused attention.qkv of a lora_down/lora_A file (test_zimage_limits)
     ("zimage", "bfl", lambda: {"transformer": D.zimage()},
      lambda c, n: not re.search(r"attention\.to_[qkv]$", n), ()),
@@ -685,6 +686,8 @@ READ_CASES = {  # name: (family, models, state builder)
                     lambda ms, g: _flux2_original_state(ms["transformer"], "kohya", g)),
     "zimage-comfyui": ("zimage", lambda: {"transformer": D.zimage()},
                        lambda ms, g: _zimage_original_state(ms["transformer"], g)),
+    "zimage-kohya": ("zimage", lambda: {"transformer": D.zimage()},
+                     lambda ms, g: _zimage_kohya_state(ms["transformer"], g)),
 }
 
 
@@ -705,6 +708,19 @@ def _zimage_original_state(model, g, qkv=False) -> dict[str, torch.Tensor]:
         out[f"diffusion_model.{native}.lora_down.weight"] = _rand(g, 2, i)
         out[f"diffusion_model.{native}.lora_up.weight"] = _rand(g, o, 2)
         out[f"diffusion_model.{native}.alpha"] = torch.tensor(3.0)
+    return out
+
+
+def _zimage_kohya_state(model, g) -> dict[str, torch.Tensor]:
+    """A kohya Z-Image file: ``lora_unet_`` + the diffusers path with underscores
+    (``lora_unet_layers_0_attention_to_q``, ``lora_unet_all_x_embedder_2-1``), ``lora_down``/
+    ``lora_up`` + ``.alpha`` (what diffusers' reader takes)."""
+    out = {}
+    for name, (o, i) in D.linears(model).items():
+        k = "lora_unet_" + name.replace(".", "_")
+        out[f"{k}.lora_down.weight"] = _rand(g, 2, i)
+        out[f"{k}.lora_up.weight"] = _rand(g, o, 2)
+        out[f"{k}.alpha"] = torch.tensor(3.0)
     return out
 
 

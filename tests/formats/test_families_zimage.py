@@ -126,6 +126,10 @@ def test_shared_original_names_with_zimage_shapes_load_as_zimage(tmp_path):
 LAYOUT_FILES = {  # layout -> (tensors, an unknown key of that spelling)
     "bfl": (comfy("layers.0.adaLN_modulation.0", 2, DIM, 4 * DIM, 1, alpha=2),
             "diffusion_model.layers.0.adaLN_modulation.0.lora_M.weight"),
+    "kohya": ({"lora_unet_all_final_layer_2-1_adaLN_modulation_1.lora_down.weight": randn(2, DIM),
+               "lora_unet_all_final_layer_2-1_adaLN_modulation_1.lora_up.weight": randn(DIM, 2),
+               "lora_unet_all_final_layer_2-1_adaLN_modulation_1.alpha": torch.tensor(2.0)},
+              "lora_unet_all_final_layer_2-1_adaLN_modulation_1.lora_mystery.weight"),
     "diffusers": ({f"transformer.noise_refiner.0.attention.to_q.lora_{s}.weight": randn(2, 2)
                    for s in "AB"}, "transformer.noise_refiner.0.attention.to_q.lora_Z.weight"),
 }

@@ -8,7 +8,9 @@ diffusers keeps the original module tree: ``layers.N.attention.to_q``/``to_k``/`
 ``all_final_layer.2-1.linear``/``.adaLN_modulation.1``. The original checkpoint (ComfyUI's
 ``diffusion_model.`` files, what diffusers' ``_convert_non_diffusers_z_image_lora_to_diffusers``
 reads) fuses attention: ``attention.qkv`` is ``to_q``, ``to_k``, ``to_v`` in equal row blocks and
-``attention.out`` is ``attention.to_out.0``; every other name is the same.
+``attention.out`` is ``attention.to_out.0``; every other name is the same. kohya files spell
+the diffusers paths with underscores (``lora_unet_layers_0_attention_to_q``,
+``lora_unet_all_x_embedder_2-1``) + ``lora_down``/``lora_up``/``.alpha``.
 
 Detection: Lumina-Image 2.0 shares the original block names (``layers.N.attention.qkv``,
 ``feed_forward.w1``, ``t_embedder.mlp.0``, ``cap_embedder.1``). Z-Image-only names (diffusers'
@@ -67,7 +69,7 @@ LUMINA2_ONLY = (_B + r"(attn\.|norm1\.linear$|feed_forward\.linear_|adaLN_modula
 
 ZIMAGE = Family(
     name="zimage", title="Z-Image", components=(TRANSFORMER,), rules=NATIVE,
-    layouts=("diffusers", "bfl", "peft"), modelspec="z-image/lora", base_version="zimage",
+    layouts=("diffusers", "kohya", "bfl", "peft"), modelspec="z-image/lora", base_version="zimage",
     markers=ZIMAGE_ONLY, twin_of="lumina2", anti_markers=LUMINA2_ONLY,
 )
 
