@@ -58,3 +58,23 @@ def read_keys(path: Path) -> tuple[set[str], dict[str, str]]:
 
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "adapter_config.json").read_text())
+
+
+def assert_unknown_key_named(tmp_path: Path, tensors: dict[str, torch.Tensor], bad: str,
+                             clean) -> None:
+    """``tensors`` plus the unknown key ``bad`` is refused naming it; ``--ignore-unknown`` lists
+    it (inspect) and loads the modules of ``clean`` (the file without it)."""
+    import pytest
+    from click.testing import CliRunner
+
+    import lorakit
+    from lorakit.cli import cli
+    from lorakit.errors import UnknownLayoutError
+
+    path = write_st(tmp_path / "bad.safetensors", {**tensors, bad: randn(2, 2)})
+    with pytest.raises(UnknownLayoutError) as info:
+        lorakit.load(path)
+    assert info.value.key == bad and "--ignore-unknown" in str(info.value)
+    res = CliRunner().invoke(cli, ["inspect", str(path), "--ignore-unknown", "--no-spectra"])
+    assert res.exit_code == 0 and f"ignored 1 unknown key(s): {bad}" in res.output, res.output
+    assert sorted(lorakit.load(path, ignore_unknown=True).modules) == sorted(clean.modules)

@@ -22,7 +22,7 @@ from lorakit.formats import adapter_family
 from lorakit.formats.coverage import coverage, coverage_line
 from lorakit.formats.families import LUMINA2, ZIMAGE, detect_family
 from lorakit.formats.rename import to_naming
-from tests.formats.helpers import randn, read_keys, write_st
+from tests.formats.helpers import assert_unknown_key_named, randn, read_keys, write_st
 from tests.formats.test_families import lora_delta, np_delta
 
 DIM = 24  # hidden 24 = 3 heads of 8, as many key/value heads: qkv is 3 equal row blocks
@@ -140,13 +140,7 @@ def test_unknown_key_is_named_and_ignore_unknown_lists_it(layout, tmp_path):
     tensors, bad = LAYOUT_FILES[layout]
     clean = lorakit.load(write_st(tmp_path / "ok.safetensors", tensors))
     assert adapter_family(clean) is ZIMAGE
-    path = write_st(tmp_path / "bad.safetensors", {**tensors, bad: randn(2, 2)})
-    with pytest.raises(UnknownLayoutError) as info:
-        lorakit.load(path)
-    assert info.value.key == bad and "--ignore-unknown" in str(info.value)
-    res = CliRunner().invoke(cli, ["inspect", str(path), "--ignore-unknown", "--no-spectra"])
-    assert res.exit_code == 0 and f"ignored 1 unknown key(s): {bad}" in res.output, res.output
-    assert sorted(lorakit.load(path, ignore_unknown=True).modules) == sorted(clean.modules)
+    assert_unknown_key_named(tmp_path, tensors, bad, clean)
 
 
 @pytest.mark.parametrize("key", [
