@@ -265,3 +265,13 @@ class Family:
 def indexed(*names: str) -> str:
     """A regex alternation of literal paths (dots escaped; ``{i}`` = a block index)."""
     return "|".join(re.escape(n).replace(r"\{i\}", r"\d+") for n in names)
+
+
+def under(block: str, *subs: str) -> tuple[str, ...]:
+    """The paths ``subs`` below ``block`` (the targets of a native rule).
+
+    Example:
+        >>> under("transformer_blocks.{i}", "attn.to_q", "attn.to_k")
+        ('transformer_blocks.{i}.attn.to_q', 'transformer_blocks.{i}.attn.to_k')
+    """
+    return tuple(f"{block}.{s}" for s in subs)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 
-from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed
+from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed, under
 
 D, S = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
 _QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
@@ -53,21 +53,17 @@ _TOP = {  # original name -> diffusers name, one layer each
 }
 
 
-def _at(block: str, *subs: str) -> tuple[str, ...]:
-    return tuple(f"{block}.{s}" for s in subs)
-
-
 NATIVE = (
-    Rule("double_blocks.{i}.img_attn.qkv", _at(D, *_QKV)),
-    Rule("double_blocks.{i}.img_attn.proj", _at(D, "attn.to_out.0")),
-    Rule("double_blocks.{i}.txt_attn.qkv", _at(D, *_ADD_QKV)),
-    Rule("double_blocks.{i}.txt_attn.proj", _at(D, "attn.to_add_out")),
-    Rule("double_blocks.{i}.img_mlp.0", _at(D, "ff.linear_in")),
-    Rule("double_blocks.{i}.img_mlp.2", _at(D, "ff.linear_out")),
-    Rule("double_blocks.{i}.txt_mlp.0", _at(D, "ff_context.linear_in")),
-    Rule("double_blocks.{i}.txt_mlp.2", _at(D, "ff_context.linear_out")),
-    Rule("single_blocks.{i}.linear1", _at(S, "attn.to_qkv_mlp_proj")),
-    Rule("single_blocks.{i}.linear2", _at(S, "attn.to_out")),
+    Rule("double_blocks.{i}.img_attn.qkv", under(D, *_QKV)),
+    Rule("double_blocks.{i}.img_attn.proj", under(D, "attn.to_out.0")),
+    Rule("double_blocks.{i}.txt_attn.qkv", under(D, *_ADD_QKV)),
+    Rule("double_blocks.{i}.txt_attn.proj", under(D, "attn.to_add_out")),
+    Rule("double_blocks.{i}.img_mlp.0", under(D, "ff.linear_in")),
+    Rule("double_blocks.{i}.img_mlp.2", under(D, "ff.linear_out")),
+    Rule("double_blocks.{i}.txt_mlp.0", under(D, "ff_context.linear_in")),
+    Rule("double_blocks.{i}.txt_mlp.2", under(D, "ff_context.linear_out")),
+    Rule("single_blocks.{i}.linear1", under(S, "attn.to_qkv_mlp_proj")),
+    Rule("single_blocks.{i}.linear2", under(S, "attn.to_out")),
     *(Rule(native, (ours,)) for native, ours in _TOP.items()),
     Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
 )
@@ -88,7 +84,7 @@ FLUX1_ONLY = (r"^transformer_blocks\.\d+\.(norm1|norm1_context)\.linear$",
 
 TRANSFORMER = Component(
     "transformer", "transformer", "lora_unet_",
-    known=(indexed(*_at(D, *DOUBLE_SUBS), *_at(S, *SINGLE_SUBS), *_TOP.values(),
+    known=(indexed(*under(D, *DOUBLE_SUBS), *under(S, *SINGLE_SUBS), *_TOP.values(),
                    "norm_out.linear"),),
     blocks=(BlockType("double blocks", D, 8, DOUBLE_SUBS),
             BlockType("single blocks", S, 48, SINGLE_SUBS)))

@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed
+from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed, under
 from lorakit.formats.families.flux import DOUBLE_SUBS, HUNYUAN_ONLY, SINGLE_SUBS
 
 D, S = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
@@ -50,36 +50,32 @@ _TOP = {  # original name -> diffusers name, one layer each
 }
 
 
-def _at(block: str, *subs: str) -> tuple[str, ...]:
-    return tuple(f"{block}.{s}" for s in subs)
-
-
 NATIVE = (
-    Rule("double_blocks.{i}.img_attn_qkv", _at(D, *_QKV)),
-    Rule("double_blocks.{i}.img_attn_proj", _at(D, "attn.to_out.0")),
-    Rule("double_blocks.{i}.txt_attn_qkv", _at(D, *_ADD_QKV)),
-    Rule("double_blocks.{i}.txt_attn_proj", _at(D, "attn.to_add_out")),
-    Rule("double_blocks.{i}.img_mlp.fc1", _at(D, "ff.net.0.proj")),
-    Rule("double_blocks.{i}.img_mlp.fc2", _at(D, "ff.net.2")),
-    Rule("double_blocks.{i}.txt_mlp.fc1", _at(D, "ff_context.net.0.proj")),
-    Rule("double_blocks.{i}.txt_mlp.fc2", _at(D, "ff_context.net.2")),
-    Rule("double_blocks.{i}.img_mod.linear", _at(D, "norm1.linear")),
-    Rule("double_blocks.{i}.txt_mod.linear", _at(D, "norm1_context.linear")),
-    Rule("single_blocks.{i}.linear1", _at(S, *_QKV, "proj_mlp"), ratios=(1, 1, 1, 4)),
-    Rule("single_blocks.{i}.linear2", _at(S, "proj_out")),
-    Rule("single_blocks.{i}.modulation.linear", _at(S, "norm.linear")),
-    Rule(f"{NR}.self_attn_qkv", _at(R, *_QKV)),
-    Rule(f"{NR}.self_attn_proj", _at(R, "attn.to_out.0")),
-    Rule(f"{NR}.mlp.fc1", _at(R, "ff.net.0.proj")),
-    Rule(f"{NR}.mlp.fc2", _at(R, "ff.net.2")),
-    Rule(f"{NR}.adaLN_modulation.1", _at(R, "norm_out.linear")),  # (gate, gate): no swap
+    Rule("double_blocks.{i}.img_attn_qkv", under(D, *_QKV)),
+    Rule("double_blocks.{i}.img_attn_proj", under(D, "attn.to_out.0")),
+    Rule("double_blocks.{i}.txt_attn_qkv", under(D, *_ADD_QKV)),
+    Rule("double_blocks.{i}.txt_attn_proj", under(D, "attn.to_add_out")),
+    Rule("double_blocks.{i}.img_mlp.fc1", under(D, "ff.net.0.proj")),
+    Rule("double_blocks.{i}.img_mlp.fc2", under(D, "ff.net.2")),
+    Rule("double_blocks.{i}.txt_mlp.fc1", under(D, "ff_context.net.0.proj")),
+    Rule("double_blocks.{i}.txt_mlp.fc2", under(D, "ff_context.net.2")),
+    Rule("double_blocks.{i}.img_mod.linear", under(D, "norm1.linear")),
+    Rule("double_blocks.{i}.txt_mod.linear", under(D, "norm1_context.linear")),
+    Rule("single_blocks.{i}.linear1", under(S, *_QKV, "proj_mlp"), ratios=(1, 1, 1, 4)),
+    Rule("single_blocks.{i}.linear2", under(S, "proj_out")),
+    Rule("single_blocks.{i}.modulation.linear", under(S, "norm.linear")),
+    Rule(f"{NR}.self_attn_qkv", under(R, *_QKV)),
+    Rule(f"{NR}.self_attn_proj", under(R, "attn.to_out.0")),
+    Rule(f"{NR}.mlp.fc1", under(R, "ff.net.0.proj")),
+    Rule(f"{NR}.mlp.fc2", under(R, "ff.net.2")),
+    Rule(f"{NR}.adaLN_modulation.1", under(R, "norm_out.linear")),  # (gate, gate): no swap
     *(Rule(native, (ours,)) for native, ours in _TOP.items()),
     Rule("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
 )
 
 TRANSFORMER = Component(
     "transformer", "transformer", "lora_unet_",
-    known=(indexed(*_at(D, *DOUBLE_SUBS), *_at(S, *SINGLE_SUBS), *_at(R, *REFINER_SUBS),
+    known=(indexed(*under(D, *DOUBLE_SUBS), *under(S, *SINGLE_SUBS), *under(R, *REFINER_SUBS),
                    *_TOP.values(), "norm_out.linear"),),
     blocks=(BlockType("double blocks", D, 20, DOUBLE_SUBS),
             BlockType("single blocks", S, 40, SINGLE_SUBS)))
