@@ -3,7 +3,8 @@
 * ``bfl`` (alias ``comfyui``): the original checkpoint's names under ``diffusion_model.``
   (``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`` with ``.alpha``, or
   ``lora_A``/``lora_B``), CLIP-L under ``text_encoders.clip_l.transformer.``, T5 under
-  ``text_encoders.t5xxl.transformer.``. Flux.1 is written with ``lora_down``/``lora_up`` and
+  ``text_encoders.t5xxl.transformer.``, LTX-2's text connectors under
+  ``text_embedding_projection.``. Flux.1 is written with ``lora_down``/``lora_up`` and
   ``.alpha``, as ComfyUI saves and reads it; Wan 2.x with ``lora_A``/``lora_B`` and no alphas
   (scales folded into ``lora_B``), as Wan files in the field are.
 * ``xlabs``: XLabs' Flux attention processors, ``double_blocks.0.processor.qkv_lora1.down.weight``
@@ -71,18 +72,19 @@ _LORA = (("lora_down.weight", "down"), ("lora_up.weight", "up"), ("lora_A.weight
 
 BFL = Spelling("bfl", (("text_encoders.clip_l.transformer.", "text_encoder"),
                        ("text_encoders.t5xxl.transformer.", "text_encoder_2"),
-                       ("diffusion_model.", "transformer")),
+                       ("diffusion_model.", "transformer"),
+                       ("text_embedding_projection.", "connectors")),  # LTX-2's connectors
                _LORA, ("lora_down.weight", "lora_up.weight", "alpha"), "native")
 XLABS = Spelling("xlabs", (("diffusion_model.", "transformer"), ("", "transformer")),
                  (("down.weight", "down"), ("up.weight", "up")),
                  ("down.weight", "up.weight", None), "xlabs")
-# ComfyUI's Wan, LTX-Video, HunyuanVideo, Lumina 2, HiDream and Flux.2 files: lora_A/lora_B and no alphas
+# ComfyUI's Wan, LTX-Video, HunyuanVideo, Lumina 2, HiDream, Flux.2 and LTX-2 files: lora_A/lora_B and no alphas
 # (diffusers' Wan reader takes alphas in blocks only, the others none), so scales are folded
 BFL_AB = Spelling("bfl", BFL.prefixes, _LORA, ("lora_A.weight", "lora_B.weight", None), "native")
 SPELLINGS = {"bfl": BFL, "xlabs": XLABS}
 WRITE_SPELLING = {("bfl", "wan"): BFL_AB, ("bfl", "ltxvideo"): BFL_AB,
                   ("bfl", "hunyuanvideo"): BFL_AB, ("bfl", "lumina2"): BFL_AB,
-                  ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB}
+                  ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB, ("bfl", "ltx2"): BFL_AB}
 
 
 def classify(keys: list[str]) -> str | None:
@@ -90,8 +92,8 @@ def classify(keys: list[str]) -> str | None:
     if any(re.search(r"(^|\.)(double|single)_blocks\.\d+\.processor\.(qkv|proj)_lora", k)
            and k.endswith((".down.weight", ".up.weight")) for k in keys):
         return "xlabs"
-    if any(k.startswith(("diffusion_model.", "text_encoders.clip_l.transformer."))
-           for k in keys):
+    if any(k.startswith(("diffusion_model.", "text_encoders.clip_l.transformer.",
+                         "text_embedding_projection.")) for k in keys):
         return "bfl"
     return None
 

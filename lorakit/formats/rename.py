@@ -38,6 +38,13 @@ def _is_denoiser(adapter: Adapter, family: Family, key: str) -> tuple[bool, str 
     return comp in (None, family.denoiser.name), comp, path
 
 
+def _view(adapter: Adapter, family: Family, key: str) -> tuple[Family | None, str | None, str]:
+    """The family as the key's component names it (:meth:`Family.view`: the denoiser, or a
+    component with native rules of its own), its component and path."""
+    comp, path = adapter.split_key(key)
+    return family.view(comp), comp, path
+
+
 def naming_of(adapter: Adapter, family: Family) -> str:
     """``diffusers``, ``native`` or ``xlabs``: the naming most denoiser modules use (diffusers when
     the family's names agree, or no module says otherwise).
@@ -66,23 +73,23 @@ def naming_of(adapter: Adapter, family: Family) -> str:
 
 def _moves(adapter: Adapter, family: Family, key: str, naming: str) -> bool:
     """Whether the module at ``key`` is not spelled in ``naming`` yet."""
-    den, _, path = _is_denoiser(adapter, family, key)
-    if not den:
+    fam, _, path = _view(adapter, family, key)
+    if fam is None:
         return False
-    if family.denoiser.knows(path):  # a diffusers name
-        return naming != "diffusers" and family.part_rule(path, naming) is not None
-    others = [n for n in ("native", *family.namings) if n != naming]
-    return any(family.native_rule(path, n) is not None for n in others)
+    if fam.denoiser.knows(path):  # a diffusers name
+        return naming != "diffusers" and fam.part_rule(path, naming) is not None
+    others = [n for n in ("native", *fam.namings) if n != naming]
+    return any(fam.native_rule(path, n) is not None for n in others)
 
 
 def _split_all(adapter: Adapter, family: Family) -> dict[str, list[LoraModule]]:
     out: dict[str, list[LoraModule]] = {}
     for key, m in adapter.modules.items():
-        den, comp, path = _is_denoiser(adapter, family, key)
+        fam, comp, path = _view(adapter, family, key)
         hit = None
-        if den and not family.denoiser.knows(path):
-            for naming in ("native", *family.namings):
-                if (hit := family.native_rule(path, naming)) is not None:
+        if fam is not None and not fam.denoiser.knows(path):
+            for naming in ("native", *fam.namings):
+                if (hit := fam.native_rule(path, naming)) is not None:
                     break
         if hit is None:
             out.setdefault(key, []).append(m)
@@ -111,10 +118,10 @@ def to_naming(adapter: Adapter, family: Family, naming: str) -> Adapter:
     groups: dict[str, tuple[Rule, dict[int, LoraModule]]] = {}
     out: dict[str, LoraModule] = {}
     for key, m in split.items():
-        den, comp, path = _is_denoiser(adapter, family, key)
-        hit = family.part_rule(path, naming) if den else None
+        fam, comp, path = _view(adapter, family, key)
+        hit = fam.part_rule(path, naming) if fam is not None else None
         if hit is None:
-            if den and family.denoiser.knows(path):
+            if fam is not None and fam.denoiser.knows(path):
                 raise ConfigMismatchError(f"the {naming} naming of {family.title} has no layer "
                                           f"for this module", key=key)
             out[key] = m

@@ -178,6 +178,41 @@ def hidream():
     return m.to_empty(device="cpu")
 
 
+def ltx2(v23: bool = False):
+    """LTX-2 with one block, video 16 wide (2 heads of 8), audio 8 (2 heads of 4): its real names
+    (``attn1``, ``audio_attn1``, ``attn2``, ``audio_attn2``, ``audio_to_video_attn``,
+    ``video_to_audio_attn``, ``ff``, ``audio_ff``, the ``time_embed``/``av_cross_attn_*``
+    modulations); ``v23``: LTX-2.3's gated attention (``to_gate_logits``) and prompt
+    modulations (``prompt_adaln``), no caption projections."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    v = dict(gated_attn=True, cross_attn_mod=True, audio_gated_attn=True,
+             audio_cross_attn_mod=True, use_prompt_embeddings=False) if v23 else {}
+    with torch.device("meta"):
+        m = LTX2VideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+            cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
+            audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
+            num_layers=1, caption_channels=16, **v)
+    return m.to_empty(device="cpu")
+
+
+def ltx2_connectors(v23: bool = False):
+    """LTX-2's text connectors: ``text_proj_in`` (``v23``: LTX-2.3's ``video_text_proj_in`` and
+    ``audio_text_proj_in``) and a one-block video and audio connector, 16 wide."""
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    with torch.device("meta"):
+        m = LTX2TextConnectors(
+            caption_channels=16, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+            video_connector_attention_head_dim=8, video_connector_num_layers=1,
+            video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+            audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=None, per_modality_projections=v23,
+            video_hidden_dim=16, audio_hidden_dim=8)
+    return m.to_empty(device="cpu")
+
+
 def unet(sdxl: bool):
     from diffusers import UNet2DConditionModel
 
@@ -233,7 +268,7 @@ PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline",
              "hunyuanvideo": "HunyuanVideoPipeline", "lumina2": "Lumina2Pipeline",
              "hidream": "HiDreamImagePipeline", "flux2": "Flux2Pipeline",
-             "zimage": "ZImagePipeline"}
+             "zimage": "ZImagePipeline", "ltx2": "LTX2Pipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:
@@ -256,5 +291,9 @@ def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) 
                 pipe.load_lora_into_transformer(state, alphas, transformer=model, metadata=meta)
             else:
                 pipe.load_lora_into_transformer(state, transformer=model, metadata=meta)
+        elif comp == "connectors":  # LTX-2's text connectors, as its load_lora_weights does
+            pipe.load_lora_into_transformer({k: v for k, v in state.items()
+                                             if k.startswith("connectors.")},
+                                            transformer=model, metadata=meta, prefix=comp)
         else:
             pipe.load_lora_into_text_encoder(state, alphas, model, prefix=comp, metadata=meta)

@@ -8,7 +8,8 @@
   published key scheme (no lorakit) is applied by diffusers, and lorakit reads the same updates.
 
 Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video, HunyuanVideo,
-Lumina-Image 2.0, HiDream-I1, Flux.2, Z-Image.
+Lumina-Image 2.0, HiDream-I1, Flux.2, Z-Image, LTX-2 (transformer and text connectors; more in
+test_diffusers_ltx2.py).
 
 Known limits of diffusers 0.42 itself, asserted so that a fix upstream shows up here:
 kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, ``time_in``,
@@ -33,6 +34,10 @@ Flux.2 reader depends on the width (``linear1`` stays one fused layer), so tiny 
 Its Z-Image reader splits a fused ``attention.qkv`` only in the dotted ``.lora.down.weight``
 spelling: a ComfyUI ``lora_down``/``lora_up`` (or ``lora_A``/``lora_B``) file's qkv is dropped
 ("unexpected keys", a warning), so lorakit's Z-Image ComfyUI files reach diffusers without q, k, v.
+Its LTX-2 reader (like HiDream's) fails on a ComfyUI ``lora_down``/``lora_up`` file, with or
+without ``.alpha`` (lorakit writes ``lora_A``/``lora_B``, scales folded), and sends connector
+blocks under ``diffusion_model.`` (``video_embeddings_connector.``) to the transformer, which has
+no such layer (see test_diffusers_ltx2.py).
 """
 
 from __future__ import annotations
@@ -174,6 +179,9 @@ WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
     # diffusers splits no fused attention.qkv of a lora_down/lora_A file (test_zimage_limits)
     ("zimage", "bfl", lambda: {"transformer": D.zimage()},
      lambda c, n: not re.search(r"attention\.to_[qkv]$", n), ()),
+    ("ltx2", "diffusers", lambda: {"transformer": D.ltx2(), "connectors": D.ltx2_connectors()},
+     None, ()),
+    ("ltx2", "bfl", lambda: {"transformer": D.ltx2(), "connectors": D.ltx2_connectors()}, None, ()),
 ]
 
 
@@ -688,7 +696,43 @@ READ_CASES = {  # name: (family, models, state builder)
                        lambda ms, g: _zimage_original_state(ms["transformer"], g)),
     "zimage-kohya": ("zimage", lambda: {"transformer": D.zimage()},
                      lambda ms, g: _zimage_kohya_state(ms["transformer"], g)),
+    "ltx2-comfyui": ("ltx2", lambda: {"transformer": D.ltx2(), "connectors": D.ltx2_connectors()},
+                     lambda ms, g: ltx2_original_state(ms, g)),
 }
+
+# LTX-2's top-level layers in the original checkpoint (the published scheme diffusers' reader
+# renames): diffusers' first path segment -> the original's; the blocks keep their names
+LTX2_ORIGINAL = {
+    "transformer": {"proj_in": "patchify_proj", "audio_proj_in": "audio_patchify_proj",
+                    "time_embed": "adaln_single", "audio_time_embed": "audio_adaln_single",
+                    "av_cross_attn_video_scale_shift": "av_ca_video_scale_shift_adaln_single",
+                    "av_cross_attn_audio_scale_shift": "av_ca_audio_scale_shift_adaln_single",
+                    "av_cross_attn_video_a2v_gate": "av_ca_a2v_gate_adaln_single",
+                    "av_cross_attn_audio_v2a_gate": "av_ca_v2a_gate_adaln_single",
+                    "prompt_adaln": "prompt_adaln_single",
+                    "audio_prompt_adaln": "audio_prompt_adaln_single"},
+    "connectors": {"text_proj_in": "aggregate_embed", "video_text_proj_in": "video_aggregate_embed",
+                   "audio_text_proj_in": "audio_aggregate_embed"},
+}
+
+
+def ltx2_original_state(models, g, style: str = "ab") -> dict[str, torch.Tensor]:
+    """A ComfyUI / original-names LTX-2 file: the transformer under ``diffusion_model.``, the
+    connectors under ``text_embedding_projection.``, top-level layers renamed as the original
+    checkpoint names them; ``lora_A``/``lora_B`` (what diffusers' reader takes), or with
+    ``style="down_up"`` ``lora_down``/``lora_up`` + ``.alpha`` 3 (scale 1.5)."""
+    prefix = {"transformer": "diffusion_model.", "connectors": "text_embedding_projection."}
+    a, b = ("lora_down", "lora_up") if style == "down_up" else ("lora_A", "lora_B")
+    out = {}
+    for comp, model in models.items():
+        for name, (o, i) in D.linears(model).items():
+            head, dot, rest = name.partition(".")
+            k = prefix[comp] + LTX2_ORIGINAL[comp].get(head, head) + dot + rest
+            out[f"{k}.{a}.weight"] = _rand(g, 2, i)
+            out[f"{k}.{b}.weight"] = _rand(g, o, 2)
+            if style == "down_up":
+                out[f"{k}.alpha"] = torch.tensor(3.0)
+    return out
 
 
 def _zimage_original_state(model, g, qkv=False) -> dict[str, torch.Tensor]:

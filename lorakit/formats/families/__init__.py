@@ -20,6 +20,7 @@ from lorakit.formats.families.flux import FLUX1
 from lorakit.formats.families.flux2 import FLUX2, has_flux2_proportions
 from lorakit.formats.families.hidream import HIDREAM
 from lorakit.formats.families.hunyuan import HUNYUAN_VIDEO
+from lorakit.formats.families.ltx2 import LTX2
 from lorakit.formats.families.lumina import LUMINA2
 from lorakit.formats.families.others import LTX_VIDEO, QWEN_IMAGE
 from lorakit.formats.families.sd import SD15, SDXL
@@ -30,10 +31,11 @@ from lorakit.naming import split_component
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
                                                     LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM,
-                                                    FLUX2, ZIMAGE)}
+                                                    FLUX2, ZIMAGE, LTX2)}
 
 # metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
-_META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanvideo"),
+_META_HINTS = (("qwen", "qwenimage"), ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx_2", "ltx2"),
+               ("ltx", "ltxvideo"), ("hunyuan", "hunyuanvideo"),
                ("z-image", "zimage"), ("zimage", "zimage"), ("z_image", "zimage"),
                ("lumina", "lumina2"), ("hidream", "hidream"), ("flux-2", "flux2"),
                ("flux2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
@@ -44,7 +46,8 @@ _META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanv
 
 def get_family(name: str) -> Family:
     """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
-    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``).
+    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``,
+    ``ltx2``).
 
     Example:
         >>> get_family("wan").title
@@ -171,4 +174,4 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
 
 __all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
            "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO",
-           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE"]
+           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE", "LTX2"]

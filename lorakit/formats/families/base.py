@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 
@@ -162,6 +162,9 @@ class Component:
     kohya: str  # kohya prefix: lora_unet_, lora_te1_, ...
     known: tuple[str, ...] = ()  # regexes of the diffusers paths it has (no component)
     blocks: tuple[BlockType, ...] = ()
+    # native <-> diffusers rules of a component other than the denoiser whose native names differ
+    # (LTX-2's text connectors: ``aggregate_embed`` is ``text_proj_in``)
+    rules: tuple[Rule, ...] = ()
 
     @cached_property
     def known_res(self) -> tuple[re.Pattern[str], ...]:
@@ -254,12 +257,34 @@ class Family:
             return False
         if comp.knows(path):
             return True
-        if comp is not self.denoiser:
+        fam = self.view(comp.name)
+        if fam is None:
             return False
-        for naming in ("native", *self.namings):  # a native name: its parts, block counts too
-            if (hit := self.native_rule(path, naming)) is not None:
+        for naming in ("native", *fam.namings):  # a native name: its parts, block counts too
+            if (hit := fam.native_rule(path, naming)) is not None:
                 return all(comp.knows(p) for p in hit[1])
         return False
+
+    @cached_property
+    def _views(self) -> dict[str, Family]:
+        out: dict[str, Family] = {self.denoiser.name: self}
+        for c in self.components[1:]:
+            if c.rules:
+                out[c.name] = replace(self, components=(c,), rules=c.rules, namings={})
+        return out
+
+    def view(self, component: str | None) -> Family | None:
+        """The family as the namings of ``component`` see it: itself for the denoiser (or no
+        component), a family of that component alone with its :attr:`Component.rules` as native
+        rules, or None for a component whose names are the same in every naming.
+
+        Example:
+            >>> fam = Family("x", "X", (Component("transformer", "t", "lora_unet_"),
+            ...              Component("connectors", "c", "", rules=(Rule("a", ("b",)),))))
+            >>> fam.view("connectors").native_rule("a")[1], fam.view("text_encoder")
+            (['b'], None)
+        """
+        return self._views.get(component or self.denoiser.name)
 
 
 def indexed(*names: str) -> str:

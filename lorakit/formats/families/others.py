@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 from lorakit.formats.families.base import BlockType, Component, Family, indexed
+from lorakit.formats.families.ltx2 import LTX2_ONLY
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
          "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
@@ -45,5 +46,6 @@ LTX_VIDEO = Family(
     markers=(r"^transformer_blocks\.\d+\.attn1\.", r"^caption_projection\.",
              r"^time_embed\.emb\."),
     anti_markers=(r"^transformer_blocks\.\d+\.attn\.",  # Flux.1 / SD3 / Qwen-Image blocks
-                  r"^caption_projection\.\d+\.linear$"),  # HiDream's projections
+                  r"^caption_projection\.\d+\.linear$",  # HiDream's projections
+                  *LTX2_ONLY),  # LTX-2's audio stream, audio-video attention, connectors
 )
