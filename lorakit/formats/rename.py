@@ -138,8 +138,10 @@ def to_naming(adapter: Adapter, family: Family, naming: str) -> Adapter:
 
 def align(adapters: list[Adapter]) -> list[Adapter]:
     """The adapters in one naming, so that modules of the same layer share a key: adapters of one
-    family whose namings differ (a kohya Flux file and a diffusers one) all move to the diffusers
-    naming; anything else is returned as is. For merges of files from different trainers.
+    family whose namings differ (a kohya Flux file and a diffusers one), or of which some hold a
+    module only a native name spells and others none (an LTX-2 ComfyUI file's ``patchify_proj``
+    among block names both spell alike, and a diffusers one), all move to the diffusers naming;
+    anything else is returned as is. For merges of files from different trainers.
 
     Example:
         >>> align([]) == []
@@ -152,6 +154,7 @@ def align(adapters: list[Adapter]) -> list[Adapter]:
         return list(adapters)
     fam = next(iter(fams.values()))  # an undecided one (shared names) is taken to be the same
     namings = {naming_of(a, fam) for a in adapters}
-    if len(namings) == 1:
+    native_only = {any(_moves(a, fam, k, "diffusers") for k in a.modules) for a in adapters}
+    if len(namings) == 1 and len(native_only) == 1:
         return list(adapters)
     return [to_naming(a, fam, "diffusers") for a in adapters]

@@ -21,7 +21,7 @@ from lorakit.errors import UnknownLayoutError
 from lorakit.formats import adapter_family, convert
 from lorakit.formats.coverage import coverage, coverage_line
 from lorakit.formats.families import LTX2, LTX_VIDEO, detect_family
-from lorakit.formats.rename import to_naming
+from lorakit.formats.rename import align, to_naming
 from tests.formats.helpers import assert_unknown_key_named, randn, read_keys, write_st
 from tests.formats.test_families import lora_delta, np_delta
 
@@ -212,3 +212,26 @@ def test_ltx_video_file_with_an_audio_layer_is_not_ltx_video():
     keys = ["transformer.transformer_blocks.0.attn1.to_q", "transformer.audio_proj_in"]
     assert detect_family(keys) is LTX2
     assert not LTX_VIDEO.knows("transformer", "audio_proj_in")
+
+
+def test_comfyui_and_diffusers_files_align_for_merges(tmp_path):
+    """A ComfyUI file (``patchify_proj``, ``aggregate_embed`` among block names both spell alike)
+    and a diffusers file of the same layers share their keys once aligned (as ``merge`` does)."""
+    layers = {"diffusion_model.patchify_proj": ("transformer.proj_in", 4, V),
+              "diffusion_model.transformer_blocks.0.attn1.to_q":
+                  ("transformer.transformer_blocks.0.attn1.to_q", V, V),
+              "diffusion_model.transformer_blocks.0.audio_attn1.to_q":
+                  ("transformer.transformer_blocks.0.audio_attn1.to_q", A, A),
+              f"{TEP}aggregate_embed": ("connectors.text_proj_in", 32, 16)}
+    t, d = {}, {}
+    for n, (stem, (ours, din, dout)) in enumerate(layers.items()):
+        prefix, _, rest = stem.partition(".")
+        t.update(comfy(rest, 2, din, dout, n, alpha=2, prefix=prefix + "."))
+        d.update({f"{ours}.lora_A.weight": randn(2, din, seed=20 + n),
+                  f"{ours}.lora_B.weight": randn(dout, 2, seed=40 + n)})
+    c = lorakit.load(write_st(tmp_path / "c.safetensors", t))
+    f = lorakit.load(write_st(tmp_path / "d.safetensors", d))
+    a, b = align([c, f])
+    assert sorted(a.modules) == sorted(b.modules) == sorted(v[0] for v in layers.values())
+    same = align([c, c])
+    assert sorted(same[0].modules) == sorted(c.modules)  # one naming: kept as read
