@@ -191,3 +191,19 @@ def test_original_module_ideogram4_does_not_have(tmp_path):
     with pytest.raises(UnknownLayoutError, match="Ideogram 4 does not have") as info:
         lorakit.load(write_st(tmp_path / "f.safetensors", t))
     assert info.value.key == "transformer.layers.34.attention.qkv"
+
+
+def test_peft_folder_round_trip(tmp_path):
+    """``convert --to peft``: the transformer's PEFT folder (diffusers names, its class in
+    ``auto_mapping``) reads back with the same updates."""
+    t = {**original("layers.0.attention.qkv", 2, DIM, 3 * DIM, 1, alpha=4),
+         **original("final_layer.adaln_modulation", 2, 8, DIM, 3, alpha=2)}
+    a = lorakit.load(write_st(tmp_path / "c.safetensors", t))
+    out = lorakit.save(lorakit.convert(a, "peft"), tmp_path / "peft", "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["auto_mapping"] == {"base_model_class": "Ideogram4Transformer2DModel"}
+    back = lorakit.load(out)
+    d = to_naming(a, IDEOGRAM4, "diffusers").modules
+    assert sorted(back.modules) == sorted(k[len("transformer."):] for k in d)
+    for k, m in back.modules.items():
+        np.testing.assert_allclose(lora_delta(m), lora_delta(d[f"transformer.{k}"]), rtol=1e-6)

@@ -193,3 +193,18 @@ def test_module_krea2_does_not_have(key, tmp_path):
     with pytest.raises(UnknownLayoutError, match="Krea 2 does not have") as info:
         lorakit.load(write_st(tmp_path / "f.safetensors", t), family="krea2")
     assert info.value.key == key
+
+
+def test_peft_folder_round_trip(tmp_path):
+    """``convert --to peft`` of an ai-toolkit file: the transformer's PEFT folder (diffusers
+    names, its class in ``auto_mapping``) reads back with the same updates."""
+    t = _all("base_model.model.")
+    a = lorakit.load(write_st(tmp_path / "a.safetensors", t))
+    out = lorakit.save(lorakit.convert(a, "peft"), tmp_path / "peft", "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["auto_mapping"] == {"base_model_class": "Krea2Transformer2DModel"}
+    back = lorakit.load(out)
+    assert sorted(back.modules) == sorted(NAMES.values())
+    for native, ours in NAMES.items():
+        np.testing.assert_allclose(lora_delta(back.modules[ours]),
+                                   lora_delta(a.modules[f"transformer.{native}"]), rtol=1e-6)
