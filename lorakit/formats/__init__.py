@@ -43,7 +43,7 @@ def load_adapter(path: str | Path, format: Format | str | None = None, *,
 
     ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
     ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``,
-    ``zimage``, ``ltx2``). Keys that fit no layout role or name no module of the family are an error
+    ``zimage``, ``ltx2``, ``ideogram4``, ``krea2``). Keys that fit no layout role or name no module of the family are an error
     naming them, or with ``ignore_unknown`` are dropped and listed (:func:`lorakit.formats.coverage.ignored`).
     Any failure is a :class:`~lorakit.errors.LorakitError` naming the file, key and problem.
 
@@ -266,6 +266,7 @@ _CLASS_COMPONENT = {
     "Lumina2Transformer2DModel": "transformer", "HiDreamImageTransformer2DModel": "transformer",
     "Flux2Transformer2DModel": "transformer", "ZImageTransformer2DModel": "transformer",
     "LTX2VideoTransformer3DModel": "transformer", "LTX2TextConnectors": "connectors",
+    "Ideogram4Transformer2DModel": "transformer", "Krea2Transformer2DModel": "transformer",
 }
 _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                    "wan": "WanTransformer3DModel", "sdxl": "UNet2DConditionModel",
@@ -274,7 +275,8 @@ _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DMo
                    "lumina2": "Lumina2Transformer2DModel",
                    "hidream": "HiDreamImageTransformer2DModel",
                    "flux2": "Flux2Transformer2DModel", "zimage": "ZImageTransformer2DModel",
-                   "ltx2": "LTX2VideoTransformer3DModel"}
+                   "ltx2": "LTX2VideoTransformer3DModel",
+                   "ideogram4": "Ideogram4Transformer2DModel", "krea2": "Krea2Transformer2DModel"}
 
 
 def infer_component(adapter: Adapter) -> str | None:

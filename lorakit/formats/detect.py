@@ -29,7 +29,7 @@ def classify_keys(keys: list[str], path: Path | str) -> tuple[str, str]:
     if layout := kohya.classify(keys):
         return "kohya", layout
     if layout := prefixed.classify(keys):
-        return layout, layout
+        return prefixed.FORMAT_OF.get(layout, layout), layout
     if any(k.startswith("base_model.model.") for k in keys):
         raise ConfigMismatchError(
             f"PEFT weights without {CONFIG_NAME} beside them (ranks and alphas are unknown)",

@@ -6,7 +6,10 @@
   ``text_encoders.t5xxl.transformer.``, LTX-2's text connectors under
   ``text_embedding_projection.``. Flux.1 is written with ``lora_down``/``lora_up`` and
   ``.alpha``, as ComfyUI saves and reads it; Wan 2.x with ``lora_A``/``lora_B`` and no alphas
-  (scales folded into ``lora_B``), as Wan files in the field are.
+  (scales folded into ``lora_B``), as Wan files in the field are. Ideogram 4's
+  ``conditional_transformer.`` prefix is read as ``diffusion_model.``.
+* ``aitoolkit`` (read only, as ``bfl``): ai-toolkit's PEFT state dict of Krea 2's original model,
+  ``base_model.model.blocks.0.attn.wq.lora_A.weight`` with no adapter_config.json and no alphas.
 * ``xlabs``: XLabs' Flux attention processors, ``double_blocks.0.processor.qkv_lora1.down.weight``
   (optionally under ``diffusion_model.``). XLabs files hold no alpha (scale 1): written, every
   module's scale is folded into ``up`` (in float32, stored in the factors' dtype).
@@ -73,28 +76,48 @@ _LORA = (("lora_down.weight", "down"), ("lora_up.weight", "up"), ("lora_A.weight
 BFL = Spelling("bfl", (("text_encoders.clip_l.transformer.", "text_encoder"),
                        ("text_encoders.t5xxl.transformer.", "text_encoder_2"),
                        ("diffusion_model.", "transformer"),
-                       ("text_embedding_projection.", "connectors")),  # LTX-2's connectors
+                       ("text_embedding_projection.", "connectors"),  # LTX-2's connectors
+                       ("conditional_transformer.", "transformer")),  # Ideogram 4's, read only
                _LORA, ("lora_down.weight", "lora_up.weight", "alpha"), "native")
 XLABS = Spelling("xlabs", (("diffusion_model.", "transformer"), ("", "transformer")),
                  (("down.weight", "down"), ("up.weight", "up")),
                  ("down.weight", "up.weight", None), "xlabs")
-# ComfyUI's Wan, LTX-Video, HunyuanVideo, Lumina 2, HiDream, Flux.2 and LTX-2 files: lora_A/lora_B and no alphas
-# (diffusers' Wan reader takes alphas in blocks only, the others none), so scales are folded
+# ComfyUI's Wan, LTX-Video, HunyuanVideo, Lumina 2, HiDream, Flux.2, LTX-2 and Krea 2 files:
+# lora_A/lora_B and no alphas (diffusers' Wan reader takes alphas in blocks only, the others
+# none), so scales are folded
 BFL_AB = Spelling("bfl", BFL.prefixes, _LORA, ("lora_A.weight", "lora_B.weight", None), "native")
-SPELLINGS = {"bfl": BFL, "xlabs": XLABS}
+# ai-toolkit's Krea 2 files: its PEFT state dict of the original model (``base_model.model.`` +
+# original names, lora_A/lora_B, no alphas) with no adapter_config.json beside it; read only
+# (lorakit's ``aitoolkit`` layout is diffusers' keys): read as bfl, the layout of original names
+AITOOLKIT_NATIVE = Spelling("aitoolkit", (("base_model.model.", "transformer"),), _LORA,
+                            ("lora_A.weight", "lora_B.weight", None), "native")
+PEFT_NATIVE_FAMILIES = ("krea2",)  # families whose ai-toolkit files are AITOOLKIT_NATIVE
+SPELLINGS = {"bfl": BFL, "xlabs": XLABS, "aitoolkit": AITOOLKIT_NATIVE}
+FORMAT_OF = {"aitoolkit": "bfl"}  # a layout read by a spelling -> the format it reads as
 WRITE_SPELLING = {("bfl", "wan"): BFL_AB, ("bfl", "ltxvideo"): BFL_AB,
                   ("bfl", "hunyuanvideo"): BFL_AB, ("bfl", "lumina2"): BFL_AB,
-                  ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB, ("bfl", "ltx2"): BFL_AB}
+                  ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB, ("bfl", "ltx2"): BFL_AB,
+                  ("bfl", "krea2"): BFL_AB}
 
 
 def classify(keys: list[str]) -> str | None:
-    """``"xlabs"``, ``"bfl"`` or None."""
+    """``"xlabs"``, ``"bfl"``, ``"aitoolkit"`` (original names under ``base_model.model.`` of a
+    family in :data:`PEFT_NATIVE_FAMILIES`) or None."""
     if any(re.search(r"(^|\.)(double|single)_blocks\.\d+\.processor\.(qkv|proj)_lora", k)
            and k.endswith((".down.weight", ".up.weight")) for k in keys):
         return "xlabs"
     if any(k.startswith(("diffusion_model.", "text_encoders.clip_l.transformer.",
-                         "text_embedding_projection.")) for k in keys):
+                         "text_embedding_projection.", "conditional_transformer."))
+           for k in keys):
         return "bfl"
+    if any(k.startswith("base_model.model.") for k in keys):
+        from lorakit.formats.families import detect_family
+
+        paths = [hit[1] for k in keys if (hit := AITOOLKIT_NATIVE.split_key(k)) is not None]
+        fam = detect_family(paths, component_prefix=False)
+        if fam is not None and fam.name in PEFT_NATIVE_FAMILIES and \
+                any(fam.is_native(p) for p in paths):
+            return "aitoolkit"
     return None
 
 
@@ -128,7 +151,8 @@ def load_prefixed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
     if stray:
         raise ConfigMismatchError("alpha without LoRA factors", path=path, key=stray[0])
     modules = build_modules(parts, alphas, path)
-    adapter = Adapter(modules=modules, source_format=layout, layout=layout, metadata=dict(meta),
+    adapter = Adapter(modules=modules, source_format=FORMAT_OF.get(layout, layout), layout=layout,
+                      metadata=dict(meta),
                       source=str(path), component_prefix=True)
     return adapter, unknown
 

@@ -164,6 +164,36 @@ def zimage():
     return m.to_empty(device="cpu")
 
 
+def ideogram4():
+    """Ideogram 4 with two layers, 24 wide (3 heads of 8, as many key/value heads: its qkv is
+    three equal row blocks), its real names (``attention.to_q``, ``feed_forward.w1``,
+    ``adaln_modulation``, ``input_proj``, ``llm_cond_proj``, ``t_embedding.mlp_in``,
+    ``adaln_proj``, ``final_layer.adaln_modulation``)."""
+    from diffusers import Ideogram4Transformer2DModel
+
+    with torch.device("meta"):
+        m = Ideogram4Transformer2DModel(
+            in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=3,
+            intermediate_size=32, adaln_dim=8, llm_features_dim=16, mrope_section=(2, 1, 1))
+    return m.to_empty(device="cpu")
+
+
+def krea2():
+    """Krea 2 with one block and one text-fusion block of each kind, 32 wide (4 query heads and
+    2 key/value heads of 8: its grouped-query ``to_k``/``to_v`` are half as wide), text 16 wide:
+    its real names (``attn.to_gate``, ``ff.gate``, ``text_fusion.projector``, ``time_mod_proj``)."""
+    from diffusers import Krea2Transformer2DModel
+
+    with torch.device("meta"):
+        m = Krea2Transformer2DModel(
+            in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=48, timestep_embed_dim=16,
+            text_hidden_dim=16, num_text_layers=3, text_num_attention_heads=2,
+            text_num_key_value_heads=2, text_intermediate_size=24, num_layerwise_text_blocks=1,
+            num_refiner_text_blocks=1, axes_dims_rope=(2, 2, 4))
+    return m.to_empty(device="cpu")
+
+
 def hidream():
     """HiDream-I1 with its real structure: double and single stream blocks with a 4-expert
     mixture-of-experts feed-forward, a caption projection per Llama layer used and T5's."""
@@ -268,7 +298,8 @@ PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "wan": "WanPipeline", "qwenimage": "QwenImagePipeline", "ltxvideo": "LTXPipeline",
              "hunyuanvideo": "HunyuanVideoPipeline", "lumina2": "Lumina2Pipeline",
              "hidream": "HiDreamImagePipeline", "flux2": "Flux2Pipeline",
-             "zimage": "ZImagePipeline", "ltx2": "LTX2Pipeline"}
+             "zimage": "ZImagePipeline", "ltx2": "LTX2Pipeline", "ideogram4": "Ideogram4Pipeline",
+             "krea2": "Krea2Pipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:

@@ -9,7 +9,8 @@
 
 Families: Flux.1, SD3, SDXL, SD 1.x, Wan 2.x, Qwen-Image, LTX-Video, HunyuanVideo,
 Lumina-Image 2.0, HiDream-I1, Flux.2, Z-Image, LTX-2 (transformer and text connectors; more in
-test_diffusers_ltx2.py).
+test_diffusers_ltx2.py), Ideogram 4, Krea 2 (whose reading cases and limits are in
+``test_diffusers_ideokrea.py``).
 
 Known limits of diffusers 0.42 itself, asserted so that a fix upstream shows up here:
 kohya/ComfyUI Flux files lose their top-level modules (``img_in``, ``txt_in``, ``time_in``,
@@ -182,6 +183,12 @@ WRITE_CASES = [  # (family, layout, models, keep, dropped by diffusers)
     ("ltx2", "diffusers", lambda: {"transformer": D.ltx2(), "connectors": D.ltx2_connectors()},
      None, ()),
     ("ltx2", "bfl", lambda: {"transformer": D.ltx2(), "connectors": D.ltx2_connectors()}, None, ()),
+    ("ideogram4", "diffusers", lambda: {"transformer": D.ideogram4()}, None, ()),
+    # diffusers takes no top-level module from an original-names file (test_diffusers_ideokrea)
+    ("ideogram4", "bfl", lambda: {"transformer": D.ideogram4()},
+     lambda c, n: n.startswith("layers."), ()),
+    ("krea2", "diffusers", lambda: {"transformer": D.krea2()}, None, ()),
+    ("krea2", "bfl", lambda: {"transformer": D.krea2()}, None, ()),
 ]
 
 

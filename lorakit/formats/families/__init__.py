@@ -20,6 +20,8 @@ from lorakit.formats.families.flux import FLUX1
 from lorakit.formats.families.flux2 import FLUX2, has_flux2_proportions
 from lorakit.formats.families.hidream import HIDREAM
 from lorakit.formats.families.hunyuan import HUNYUAN_VIDEO
+from lorakit.formats.families.ideogram4 import IDEOGRAM4, has_ideogram4_width
+from lorakit.formats.families.krea2 import KREA2, has_krea2_gqa
 from lorakit.formats.families.ltx2 import LTX2
 from lorakit.formats.families.lumina import LUMINA2
 from lorakit.formats.families.others import LTX_VIDEO, QWEN_IMAGE
@@ -31,7 +33,7 @@ from lorakit.naming import split_component
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
                                                     LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM,
-                                                    FLUX2, ZIMAGE, LTX2)}
+                                                    FLUX2, ZIMAGE, LTX2, IDEOGRAM4, KREA2)}
 
 # metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
 _META_HINTS = (("qwen", "qwenimage"), ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx_2", "ltx2"),
@@ -41,13 +43,15 @@ _META_HINTS = (("qwen", "qwenimage"), ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx
                ("flux2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
                ("stable-diffusion-v3", "sd3"), ("sd3", "sd3"),
                ("sdxl", "sdxl"), ("-xl-", "sdxl"), ("wan", "wan"), ("sd_v1", "sd15"),
-               ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"))
+               ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"),
+               ("ideogram", "ideogram4"), ("krea2", "krea2"), ("krea-2", "krea2"),
+               ("krea_2", "krea2"))
 
 
 def get_family(name: str) -> Family:
     """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
     ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``,
-    ``ltx2``).
+    ``ltx2``, ``ideogram4``, ``krea2``).
 
     Example:
         >>> get_family("wan").title
@@ -86,7 +90,10 @@ def _from_metadata(meta: Mapping[str, str]) -> str | None:
 
 def _from_shapes(denoiser: list[str], shapes: Mapping[str, tuple[int, int]]) -> str | None:
     """Flux.1 and SD3 share the diffusers names of their double blocks: hidden 3072 is Flux.1
-    (SD3 is 1536, SD3.5 large 2432); a 2048-wide cross-attention key is SDXL, 768 SD 1.x."""
+    (SD3 is 1536, SD3.5 large 2432); a 2048-wide cross-attention key is SDXL, 768 SD 1.x; a block
+    ``to_k`` narrower than its input is Krea 2's (grouped-query attention)."""
+    if has_krea2_gqa(denoiser, shapes):
+        return "krea2"
     for p in denoiser:
         io = shapes.get(p)
         if io is None:
@@ -102,13 +109,12 @@ def _shape_twin(top: str, denoiser: list[str], shapes: Mapping[str, tuple[int, i
                 component_prefix: bool) -> Family | None:
     """The family whose shapes a file of names it shares with ``top`` has: Flux.2's BFL names
     are Flux.1's (its proportions are not), Z-Image's original names are Lumina 2's (its qkv
-    is 3 x its input)."""
-    twin, test = {"flux1": (FLUX2, has_flux2_proportions),
-                  "lumina2": (ZIMAGE, has_zimage_proportions)}.get(top, (None, None))
-    if twin is None:
-        return None
+    is 3 x its input), Ideogram 4's are both's (its attention is 4608 wide)."""
+    tests = {"flux1": ((FLUX2, has_flux2_proportions),),
+             "lumina2": ((IDEOGRAM4, has_ideogram4_width), (ZIMAGE, has_zimage_proportions)),
+             "zimage": ((IDEOGRAM4, has_ideogram4_width),)}.get(top, ())
     plain = {split_component(k)[1] if component_prefix else k: v for k, v in shapes.items()}
-    return twin if test(denoiser, plain) else None
+    return next((twin for twin, test in tests if test(denoiser, plain)), None)
 
 
 def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None,
@@ -153,7 +159,7 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
             if top[0] == "sd15" and "text_encoder_2" in comps:
                 return SDXL  # SD 1.x has one text encoder
             hint = _from_metadata(metadata or {})
-            if hint and FAMILIES[hint].twin_of == top[0]:
+            if hint and top[0] in FAMILIES[hint].twins:
                 return FAMILIES[hint]  # names a twin shares (HunyuanVideo's Flux-like blocks)
             if shapes and (twin := _shape_twin(top[0], denoiser, shapes, component_prefix)):
                 return twin
@@ -174,4 +180,4 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
 
 __all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
            "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO",
-           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE", "LTX2"]
+           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE", "LTX2", "IDEOGRAM4", "KREA2"]

@@ -196,7 +196,8 @@ class Family:
         markers: regexes over diffusers or native denoiser paths that identify the family.
         anti_markers: regexes no path of the family matches (a hit rules the family out).
         twin_of: a family whose names this one shares (HunyuanVideo's blocks are spelled as
-            Flux.1's): a file the twin's markers claim is this family's when its metadata says so.
+            Flux.1's), or several (Ideogram 4's with Lumina 2 and Z-Image): a file the twin's
+            markers claim is this family's when its metadata says so.
     """
 
     name: str
@@ -210,7 +211,13 @@ class Family:
     markers: tuple[str, ...] = ()
     anti_markers: tuple[str, ...] = ()
     native_known: tuple[str, ...] = field(default=())  # native paths no rule covers (same names)
-    twin_of: str = ""
+    twin_of: str | tuple[str, ...] = ""
+
+    @property
+    def twins(self) -> tuple[str, ...]:
+        """The families named by ``twin_of``."""
+        return (self.twin_of,) if isinstance(self.twin_of, str) and self.twin_of else \
+            tuple(self.twin_of or ())
 
     @property
     def denoiser(self) -> Component:

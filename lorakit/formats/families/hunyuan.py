@@ -84,6 +84,6 @@ HUNYUAN_VIDEO = Family(
     name="hunyuanvideo", title="HunyuanVideo", components=(TRANSFORMER,), rules=NATIVE,
     layouts=("diffusers", "kohya", "bfl", "peft"), modelspec="hunyuan-video/lora",
     base_version="hunyuan_video", markers=HUNYUAN_ONLY, twin_of="flux1",
-    anti_markers=(r"^(double|single)_stream_blocks\.", r"^joint_blocks\."),  # HiDream's, SD3's
-    # blocks (both have an x_embedder.proj too)
+    anti_markers=(r"^(double|single)_stream_blocks\.", r"^joint_blocks\.",  # HiDream's, SD3's
+                  r"^txt_in\.linear_[12]$"),  # blocks (both have an x_embedder.proj too), Krea 2's
 )

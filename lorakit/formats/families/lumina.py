@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed
+from lorakit.formats.families.ideogram4 import IDEOGRAM4_ONLY
 from lorakit.formats.families.zimage import ZIMAGE_ONLY
 
 _QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
@@ -57,7 +58,7 @@ TRANSFORMER = Component(
 LUMINA2 = Family(
     name="lumina2", title="Lumina-Image 2.0", components=(TRANSFORMER,), rules=NATIVE,
     layouts=("diffusers", "bfl", "peft"), modelspec="lumina-image-2/lora",
-    base_version="lumina2", anti_markers=ZIMAGE_ONLY,  # Z-Image's names (its own family)
+    base_version="lumina2", anti_markers=(*ZIMAGE_ONLY, *IDEOGRAM4_ONLY),  # Z-Image's, Ideogram 4's
     markers=(r"^(noise|context)_refiner\.\d+\.", r"^time_caption_embed\.", r"^cap_embedder\.",
              r"^layers\.\d+\.(attn\.to_(q|k|v|out\.0)|attention\.(qkv|out)|norm1\.linear|"
              r"feed_forward\.linear_[123]|adaLN_modulation\.1)$"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 
 from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed
+from lorakit.formats.families.ideogram4 import IDEOGRAM4_ONLY
 
 _QKV = ("attention.to_q", "attention.to_k", "attention.to_v")
 _FF = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -70,7 +71,7 @@ LUMINA2_ONLY = (_B + r"(attn\.|norm1\.linear$|feed_forward\.linear_|adaLN_modula
 ZIMAGE = Family(
     name="zimage", title="Z-Image", components=(TRANSFORMER,), rules=NATIVE,
     layouts=("diffusers", "kohya", "bfl", "peft"), modelspec="z-image/lora", base_version="zimage",
-    markers=ZIMAGE_ONLY, twin_of="lumina2", anti_markers=LUMINA2_ONLY,
+    markers=ZIMAGE_ONLY, twin_of="lumina2", anti_markers=(*LUMINA2_ONLY, *IDEOGRAM4_ONLY),
 )
 
 _QKV_RE = re.compile(_B + r"attention\.qkv$")
