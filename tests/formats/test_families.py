@@ -335,7 +335,7 @@ def test_layout_table_lists_every_family():
     rows = table()
     assert rows[0][:4] == ["family", "peft", "diffusers", "aitoolkit"]
     flux = next(r for r in rows if r[0] == "Flux.1")
-    assert flux.count("yes") == 7
+    assert flux.count("yes") == 9  # with falkontext and bflcontrol
 
 
 def test_align_brings_two_namings_together(tmp_path):
