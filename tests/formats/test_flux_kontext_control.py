@@ -233,3 +233,14 @@ def test_control_lora_unknown_key_and_module(tmp_path):
            "single_blocks.38.linear2.lora_B.weight": randn(H, 2)}
     with pytest.raises(UnknownLayoutError, match="Flux.1 does not have"):
         lorakit.load(write_st(tmp_path / "far.safetensors", far))
+
+
+def test_control_lora_through_a_peft_folder_bit_for_bit(tmp_path):
+    """PEFT (one model, diffusers names: ``attn.norm_q.weight`` extras) and back to bflcontrol."""
+    t = control_file()
+    a = lorakit.load(write_st(tmp_path / "c.safetensors", t))
+    pe = lorakit.convert(a, "peft", component="transformer")
+    assert "transformer_blocks.0.attn.norm_added_k.weight" in pe.extras
+    folder = lorakit.save(pe, tmp_path / "peft", "peft")
+    back = lorakit.convert(lorakit.load(folder), "bflcontrol")
+    _same_file(lorakit.save(back, tmp_path / "o.safetensors", "bflcontrol"), t)
