@@ -244,7 +244,8 @@ def kohya_tensors(adapter: Adapter, dtype: torch.dtype | None,
         more = f", ... ({len(keys)} in all)" if len(keys) > 3 else ""
         raise ConfigMismatchError("kohya files cannot hold extra (non-LoRA) tensors: "
                                   + ", ".join(keys[:3]) + more, key=next(iter(adapter.extras)),
-                                  hint="write PEFT or diffusers instead, or drop the extras")
+                                  hint="write PEFT or diffusers instead, or convert with "
+                                       "--ignore-unknown to drop them")
     out: dict[str, torch.Tensor] = {}
     for key, m in adapter.modules.items():
         name = _kohya_name(adapter, key, comps, family)

@@ -190,7 +190,8 @@ def prefixed_tensors(adapter: Adapter, spelling: Spelling,
                                   key=next(iter(adapter.extras)),
                                   hint="write diffusers or PEFT instead" + (
                                       ", or bflcontrol" if any("_norm.scale" in k for k in
-                                                               adapter.extras) else ""))
+                                                               adapter.extras) else "")
+                                  + ", or convert with --ignore-unknown to drop them")
     for key, m in adapter.modules.items():
         comp, rest = adapter.split_key(key)
         prefix = spelling.prefix_of(comp)

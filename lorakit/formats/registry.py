@@ -109,6 +109,11 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+# layouts whose files hold extra (non-LoRA) tensors: PEFT and diffusers keep any, bflcontrol a
+# control LoRA's norm scales; the others refuse them by name
+EXTRAS_LAYOUTS = ("peft", "diffusers", "aitoolkit", "simpletuner", "bflcontrol")
+
+
 def layouts_of(family: str) -> tuple[str, ...]:
     """The layouts a family is read and written in (from the family table).
 

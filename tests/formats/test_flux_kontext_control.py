@@ -244,3 +244,24 @@ def test_control_lora_through_a_peft_folder_bit_for_bit(tmp_path):
     folder = lorakit.save(pe, tmp_path / "peft", "peft")
     back = lorakit.convert(lorakit.load(folder), "bflcontrol")
     _same_file(lorakit.save(back, tmp_path / "o.safetensors", "bflcontrol"), t)
+
+
+def test_convert_cli_refuses_or_drops_and_lists_the_norm_scales(tmp_path):
+    """``convert --to kohya`` of a control LoRA without its biases: an error naming the norm
+    scales; with ``--ignore-unknown`` they are dropped and listed, and the LoRA pairs written."""
+    t = {k: v for k, v in control_file().items() if not k.endswith(".bias")}
+    src = write_st(tmp_path / "c.safetensors", t)
+    res = CliRunner().invoke(cli, ["convert", str(src), "--to", "kohya", "-o",
+                                   str(tmp_path / "k.safetensors")])
+    text = res.output + str(res.exception)
+    assert res.exit_code != 0 and "norm.key_norm.scale" in text and "--ignore-unknown" in text
+    res = CliRunner().invoke(cli, ["convert", str(src), "--to", "kohya", "-o",
+                                   str(tmp_path / "k.safetensors"), "--ignore-unknown"])
+    assert res.exit_code == 0, res.output
+    assert "dropped 6 extra tensor(s) the kohya layout cannot hold" in res.output
+    k = lorakit.load(tmp_path / "k.safetensors")
+    assert not k.extras and len(k.modules) == 10
+    res = CliRunner().invoke(cli, ["convert", str(src), "--to", "bfl-control", "-o",
+                                   str(tmp_path / "c2.safetensors")])
+    assert res.exit_code == 0, res.output
+    _same_file(tmp_path / "c2.safetensors", t)
