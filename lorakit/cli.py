@@ -263,7 +263,7 @@ def policy_values(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 LAYOUT_CHOICES = ("peft", "diffusers", "kohya", "bfl", "comfyui", "xlabs", "aitoolkit",
-                  "simpletuner")
+                  "simpletuner", "falkontext", "fal-kontext", "bflcontrol", "bfl-control")
 
 
 def family_options(f):
@@ -318,7 +318,7 @@ def inspect_cmd(paths: tuple[str, ...], as_json: bool, no_spectra: bool, max_row
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--to", "to", required=True, type=click.Choice(list(LAYOUT_CHOICES)),
               help="Target layout (peft, diffusers, kohya, bfl/comfyui, xlabs, aitoolkit, "
-                   "simpletuner).")
+                   "simpletuner, falkontext, bflcontrol).")
 @click.option("-o", "--output", "out", required=True,
               help="Output folder (PEFT) or file; a folder for a collection.")
 @click.option("--component", default=None,
@@ -356,6 +356,7 @@ def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | No
     if not quiet and not as_json:
         _echo_ignored(adapter)
     converted = convert(adapter, to, component=component, family=family)
+    converted = _drop_unheld_extras(converted, to, ignore_unknown, quiet or as_json)
     if policy is not None:
         from lorakit.compress.resize import resize
 
@@ -370,6 +371,19 @@ def convert_cmd(sources: tuple[str, ...], to: str, out: str, component: str | No
         click.echo(dumps(result))
     elif not quiet:
         click.echo(f"wrote {written} ({to}, {len(converted.modules)} modules)")
+
+
+def _drop_unheld_extras(adapter: Any, to: str, ignore_unknown: bool, quiet: bool) -> Any:
+    """With ``--ignore-unknown``, extra tensors the target layout cannot hold (a control LoRA's
+    norm scales for kohya/bfl) are dropped and listed; without it the writer names them."""
+    from lorakit.formats.registry import EXTRAS_LAYOUTS, parse_format
+
+    if not ignore_unknown or not adapter.extras or parse_format(to).value in EXTRAS_LAYOUTS:
+        return adapter
+    if not quiet:
+        click.echo(f"dropped {len(adapter.extras)} extra tensor(s) the {to} layout cannot hold: "
+                   + ", ".join(sorted(adapter.extras)), err=True)
+    return adapter.copy(extras={})
 
 
 def device_option(f):

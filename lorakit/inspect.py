@@ -79,7 +79,7 @@ def inspect_adapter(adapter: Adapter, *, spectra: bool = True,
         mods.append(module_info(key, m, sv))
     ranks = sorted({m.rank for m in adapter.modules.values()})
     from lorakit.formats import adapter_family
-    from lorakit.formats.coverage import coverage, coverage_line, ignored
+    from lorakit.formats.coverage import coverage, coverage_line, ignored, notes
     from lorakit.formats.families import get_family
 
     fam = get_family(family) if family else adapter_family(adapter)
@@ -105,5 +105,6 @@ def inspect_adapter(adapter: Adapter, *, spectra: bool = True,
         "coverage_line": coverage_line(cov) if cov is not None else None,
         "ignored_keys": ignored(adapter),
         "lycoris_types": sorted({m.origin for m in adapter.modules.values() if m.origin}),
+        "notes": notes(adapter, fam),
         "modules": mods,
     }

@@ -84,6 +84,7 @@ def print_inspect(info: dict[str, Any], console: Console, *, max_rows: int = 60)
                         + ", ".join(info["ignored_keys"][:6])])
     if info.get("lycoris_types"):  # issue 16b
         summary.append(["LyCORIS types", ", ".join(info["lycoris_types"])])
+    summary.extend(["note", n] for n in info.get("notes") or [])
     render_table("adapter", ["field", "value"], summary, console)
     rows = []
     lyco = bool(info.get("lycoris_types"))  # issue 16b: a type column for LyCORIS files

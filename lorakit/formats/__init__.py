@@ -152,7 +152,7 @@ def to_layout(adapter: Adapter, fmt: Format | str, family: Family | str | None =
     if fam is not None and fmt.value not in fam.layouts and fmt is not Format.PEFT:
         raise OptionError(f"{fam.title} adapters have no {fmt.value} layout (its layouts: "
                           f"{', '.join(fam.layouts)})", path=adapter.source)
-    if fam is None and fmt in (Format.BFL, Format.XLABS):
+    if fam is None and fmt in (Format.BFL, Format.XLABS, Format.FALKONTEXT, Format.BFLCONTROL):
         raise OptionError(f"the {fmt.value} layout needs a model family and none was detected",
                           path=adapter.source, hint="name it with --family")
     if fam is None or naming is None:
@@ -207,7 +207,7 @@ def _write_file(adapter: Adapter, file: Path, fmt: Format, fam: Family | None,
 
     if fmt is Format.KOHYA:
         kohya.save_kohya(adapter, file, dtype=dtype, provenance=provenance, family=fam)
-    elif fmt in (Format.BFL, Format.XLABS):
+    elif fmt in (Format.BFL, Format.XLABS, Format.FALKONTEXT, Format.BFLCONTROL):
         spelling = prefixed.WRITE_SPELLING.get((fmt.value, fam.name if fam else ""),
                                                 prefixed.SPELLINGS[fmt.value])
         prefixed.save_prefixed(adapter, file, spelling, dtype=dtype,
@@ -240,7 +240,14 @@ def select_component(adapter: Adapter, component: str | None) -> Adapter:
     if not mods:
         raise OptionError(f"no modules in component {component!r} "
                           f"(components: {adapter.components() or 'none'})", path=adapter.source)
-    out = adapter.copy(modules=mods, component_prefix=False)
+    extras = {}
+    for k, t in adapter.extras.items():  # a control LoRA's norm scales go with the denoiser
+        comp, rest = adapter.split_key(k)
+        if comp not in (None, component):
+            raise OptionError(f"extra tensor of component {comp!r} has no place in a PEFT folder "
+                              f"of {component!r}", path=adapter.source, key=k)
+        extras[rest] = t
+    out = adapter.copy(modules=mods, extras=extras, component_prefix=False)
     cls = next((c for c, comp in _CLASS_COMPONENT.items() if comp == component), None)
     fam = adapter_family(adapter)
     if fam is not None and component == fam.denoiser.name:
@@ -255,7 +262,10 @@ def add_component(adapter: Adapter, component: str) -> Adapter:
     mods = {}
     for k, m in adapter.modules.items():
         mods[k if adapter.split_key(k)[0] else f"{component}.{k}"] = m
-    return adapter.copy(modules=mods, component_prefix=True)
+    out = adapter.copy(modules=mods, component_prefix=True)
+    out.extras = {k if out.split_key(k)[0] else f"{component}.{k}": t
+                  for k, t in adapter.extras.items()}
+    return out
 
 
 _CLASS_COMPONENT = {

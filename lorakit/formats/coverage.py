@@ -148,3 +148,39 @@ def coverage_line(entries: list[dict[str, Any]]) -> str:
         else:
             parts.append(f"{e['label']} {e['modules']} modules")
     return ", ".join(parts)
+
+
+def notes(adapter: Adapter, family: Family | None) -> list[str]:
+    """What a file holds beyond plain LoRA pairs, for ``inspect``: the family's known extra
+    tensors (a Flux.1 control LoRA's norm scales), ``lora_B`` biases, and base layers whose
+    input the LoRA widens (its ``img_in`` takes 128 channels, Flux.1's ``x_embedder`` 64).
+
+    Example:
+        >>> import torch
+        >>> from lorakit.adapter import LoraModule
+        >>> from lorakit.formats.families import FLUX1
+        >>> m = LoraModule(torch.zeros(2, 128), torch.zeros(3072, 2), alpha=2.0)
+        >>> notes(Adapter(modules={"transformer.img_in": m}, component_prefix=True),
+        ...       FLUX1)[0].split(":")[0]
+        'x_embedder takes 128 input channels, Flux.1 64'
+    """
+    out = []
+    if family is None:
+        return out
+    from lorakit.formats.rename import to_naming
+
+    known = [k for k in adapter.extras if family.extra_name(adapter.split_key(k)[1], "native")]
+    if known:
+        out.append(f"{len(known)} norm scales (full tensors that replace the base's query/key "
+                   "RMSNorm weights; written back by bflcontrol, diffusers and PEFT only)")
+    biased = sum(m.bias is not None for m in adapter.modules.values())
+    if biased:
+        out.append(f"{biased} modules with a lora_B bias")
+    plain = to_naming(adapter, family, "diffusers")
+    for path, width in family.base_inputs:
+        m = plain.modules.get(f"{family.denoiser.name}.{path}") or plain.modules.get(path)
+        if m is not None and m.in_features > width:
+            out.append(f"{path} takes {m.in_features} input channels, {family.title} {width}: a "
+                       "LoRA of an input-widened model (Flux.1 Canny/Depth control); loaders "
+                       f"widen the base layer with zero columns (diffusers expands {path})")
+    return out

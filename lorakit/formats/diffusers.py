@@ -170,6 +170,16 @@ def _recorded_extras(meta: dict[str, str]) -> list[str]:
     return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
 
 
+def _family_extra(key: str) -> bool:
+    """Whether ``<component>.<path>`` is a full tensor a family's files carry in diffusers names
+    (Flux.1 control LoRAs' ``transformer.transformer_blocks.0.attn.norm_q.weight``)."""
+    from lorakit.formats.families import FAMILIES
+
+    comp, path = split_component(key)
+    return comp is not None and any(f.denoiser.name == comp and f.extra_name(path, "diffusers")
+                                    == path for f in FAMILIES.values())
+
+
 def _add_components(parts: dict, alpha_t: dict, meta: dict[str, str]) -> bool:
     """Prefix-less keys (``get_peft_model_state_dict(unet)``) of a known family get the family's
     component (``unet.``, ``transformer.``; ``text_model.`` paths ``text_encoder.``), in place.
@@ -196,6 +206,9 @@ def load_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str,
     extras = {k: tensors[k] for k in _recorded_extras(meta) if k in tensors}
     tensors = {k: t for k, t in tensors.items() if k not in extras}
     parts, alpha_t, unknown = _parse(tensors, layout, path)
+    for k in [k for k in unknown if _family_extra(k)]:  # a control LoRA's norm scales
+        extras[k] = tensors[k]
+        unknown.remove(k)
     if not parts:
         raise UnknownLayoutError("no LoRA tensors found", path=path,
                                  key=unknown[0] if unknown else None)

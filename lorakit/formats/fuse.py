@@ -76,7 +76,8 @@ def split_module(m: LoraModule, weights: tuple[int, ...], *, swap: bool = False,
             m.down, b, bias=None if bias is None else bias[row:row + n],
             magnitude=None if mag is None else mag.reshape(-1)[row:row + n]))
         row += n
-    nonzero = [p is not None and bool(p.up.any()) for p in parts]
+    nonzero = [p is not None and (bool(p.up.any()) or (p.bias is not None and bool(p.bias.any())))
+               for p in parts]  # a part with a lora_B bias adds that bias
     if any(nonzero):
         parts = [p if nz else None for p, nz in zip(parts, nonzero, strict=True)]
     return parts

@@ -239,6 +239,13 @@ def kohya_tensors(adapter: Adapter, dtype: torch.dtype | None,
     comps = adapter.components()
     if is_sdxl(adapter) and "text_encoder_2" not in comps:
         comps = [*comps, "text_encoder_2"]  # SDXL's first text encoder is lora_te1_
+    if adapter.extras:  # named before any module (a control LoRA's norm scales)
+        keys = sorted(adapter.extras)
+        more = f", ... ({len(keys)} in all)" if len(keys) > 3 else ""
+        raise ConfigMismatchError("kohya files cannot hold extra (non-LoRA) tensors: "
+                                  + ", ".join(keys[:3]) + more, key=next(iter(adapter.extras)),
+                                  hint="write PEFT or diffusers instead, or convert with "
+                                       "--ignore-unknown to drop them")
     out: dict[str, torch.Tensor] = {}
     for key, m in adapter.modules.items():
         name = _kohya_name(adapter, key, comps, family)
@@ -256,10 +263,6 @@ def kohya_tensors(adapter: Adapter, dtype: torch.dtype | None,
         out[f"{name}.alpha"] = _alpha_tensor(alpha, down.dtype)
         if m.magnitude is not None:  # (out, 1) / (1, in) as LyCORIS stores it
             out[f"{name}.dora_scale"] = cast(lycoris_dora_scale(m, key), dtype)
-    if adapter.extras:
-        key = next(iter(adapter.extras))
-        raise ConfigMismatchError("kohya files cannot hold extra (non-LoRA) tensors", key=key,
-                                  hint="write PEFT instead, or drop the extras")
     return out
 
 

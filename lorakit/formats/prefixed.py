@@ -10,6 +10,13 @@
   ``conditional_transformer.`` prefix is read as ``diffusion_model.``.
 * ``aitoolkit`` (read only, as ``bfl``): ai-toolkit's PEFT state dict of Krea 2's original model,
   ``base_model.model.blocks.0.attn.wq.lora_A.weight`` with no adapter_config.json and no alphas.
+* ``falkontext`` (alias ``fal-kontext``): fal's Flux.1 Kontext trainer, PEFT keys over the BFL
+  checkpoint (``base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight``), no alphas:
+  written with every scale folded into ``lora_B``.
+* ``bflcontrol`` (alias ``bfl-control``): BFL's Flux.1 Canny/Depth control LoRAs, bare BFL names
+  (``double_blocks.0.img_attn.qkv.lora_A.weight``) with a ``lora_B.bias`` per module, no alphas,
+  and the full query/key norm scales of every block (``double_blocks.0.img_attn.norm.query_norm
+  .scale``), kept as the adapter's extras and written back verbatim.
 * ``xlabs``: XLabs' Flux attention processors, ``double_blocks.0.processor.qkv_lora1.down.weight``
   (optionally under ``diffusion_model.``). XLabs files hold no alpha (scale 1): written, every
   module's scale is folded into ``up`` (in float32, stored in the factors' dtype).
@@ -52,6 +59,8 @@ class Spelling:
     suffixes: tuple[tuple[str, str], ...]  # (file suffix, slot: down/up/alpha/magnitude)
     write: tuple[str, str, str | None]  # down, up, alpha suffix (None: scale folded into up)
     naming: str  # the family naming its paths use (rename.NAMINGS)
+    bias: str | None = None  # suffix a lora_B bias is written with (None: refused)
+    extras: bool = False  # the family's known extra tensors (norm scales) are read and written
 
     def split_key(self, key: str) -> tuple[str, str, str] | None:
         """``(component, module path, slot)`` of a key, or None when it does not fit."""
@@ -92,8 +101,17 @@ BFL_AB = Spelling("bfl", BFL.prefixes, _LORA, ("lora_A.weight", "lora_B.weight",
 AITOOLKIT_NATIVE = Spelling("aitoolkit", (("base_model.model.", "transformer"),), _LORA,
                             ("lora_A.weight", "lora_B.weight", None), "native")
 PEFT_NATIVE_FAMILIES = ("krea2",)  # families whose ai-toolkit files are AITOOLKIT_NATIVE
-SPELLINGS = {"bfl": BFL, "xlabs": XLABS, "aitoolkit": AITOOLKIT_NATIVE}
 FORMAT_OF = {"aitoolkit": "bfl"}  # a layout read by a spelling -> the format it reads as
+FAL_KONTEXT = Spelling("falkontext", (("base_model.model.", "transformer"),), _LORA,
+                       ("lora_A.weight", "lora_B.weight", None), "native")
+BFL_CONTROL = Spelling("bflcontrol", (("", "transformer"),), _LORA,
+                       ("lora_A.weight", "lora_B.weight", None), "native", bias="lora_B.bias",
+                       extras=True)
+SPELLINGS = {"bfl": BFL, "xlabs": XLABS, "aitoolkit": AITOOLKIT_NATIVE,
+             "falkontext": FAL_KONTEXT, "bflcontrol": BFL_CONTROL}
+# BFL names a fal Kontext file holds after ``base_model.model.``
+_FAL_STEM = re.compile(r"^base_model\.model\.(double_blocks|single_blocks)\.\d+\.|"
+                       r"^base_model\.model\.(final_layer|img_in|txt_in|time_in|vector_in|guidance_in)\.")
 WRITE_SPELLING = {("bfl", "wan"): BFL_AB, ("bfl", "ltxvideo"): BFL_AB,
                   ("bfl", "hunyuanvideo"): BFL_AB, ("bfl", "lumina2"): BFL_AB,
                   ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB, ("bfl", "ltx2"): BFL_AB,
@@ -101,8 +119,15 @@ WRITE_SPELLING = {("bfl", "wan"): BFL_AB, ("bfl", "ltxvideo"): BFL_AB,
 
 
 def classify(keys: list[str]) -> str | None:
-    """``"xlabs"``, ``"bfl"``, ``"aitoolkit"`` (original names under ``base_model.model.`` of a
-    family in :data:`PEFT_NATIVE_FAMILIES`) or None."""
+    """``"xlabs"``, ``"bfl"``, ``"falkontext"``, ``"bflcontrol"``, ``"aitoolkit"`` (original
+    names under ``base_model.model.`` of a family in :data:`PEFT_NATIVE_FAMILIES`) or None. A
+    control LoRA is told by its norm scales (``query_norm.scale``, as diffusers does), a fal
+    Kontext file by BFL names under ``base_model.model.``."""
+    if any(k.endswith(".query_norm.scale") and k.startswith(("double_blocks.", "single_blocks."))
+           for k in keys):
+        return "bflcontrol"
+    if any(_FAL_STEM.match(k) for k in keys):
+        return "falkontext"
     if any(re.search(r"(^|\.)(double|single)_blocks\.\d+\.processor\.(qkv|proj)_lora", k)
            and k.endswith((".down.weight", ".up.weight")) for k in keys):
         return "xlabs"
@@ -130,7 +155,11 @@ def load_prefixed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     unknown: list[str] = []
+    extras: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
+        if spelling.extras and (extra := _known_extra(spelling, k)):
+            extras[extra] = t  # a full tensor (norm scale), kept verbatim
+            continue
         hit = spelling.split_key(k)
         if hit is None:
             unknown.append(k)
@@ -151,10 +180,28 @@ def load_prefixed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
     if stray:
         raise ConfigMismatchError("alpha without LoRA factors", path=path, key=stray[0])
     modules = build_modules(parts, alphas, path)
-    adapter = Adapter(modules=modules, source_format=FORMAT_OF.get(layout, layout), layout=layout,
-                      metadata=dict(meta),
-                      source=str(path), component_prefix=True)
+    adapter = Adapter(modules=modules, extras=extras, source_format=FORMAT_OF.get(layout, layout),
+                      layout=layout, metadata=dict(meta), source=str(path), component_prefix=True)
     return adapter, unknown
+
+
+def _known_extra(spelling: Spelling, key: str) -> str | None:
+    """``<component>.<native path>`` of a file key that is a known extra tensor of a family
+    (a Flux.1 control LoRA's norm scale), or None."""
+    from lorakit.formats.families import FAMILIES
+
+    for prefix, comp in spelling.prefixes:
+        if key.startswith(prefix):
+            body = key[len(prefix):]
+            if any(f.extra_name(body, "native") == body for f in FAMILIES.values()):
+                return f"{comp}.{body}"
+            return None
+    return None
+
+
+def _named(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
 
 
 def prefixed_tensors(adapter: Adapter, spelling: Spelling,
@@ -163,29 +210,58 @@ def prefixed_tensors(adapter: Adapter, spelling: Spelling,
     refuse_embedding_lora(adapter.modules, spelling.name)
     down_s, up_s, alpha_s = spelling.write
     out: dict[str, torch.Tensor] = {}
+    if adapter.extras and not spelling.extras:
+        raise ConfigMismatchError(f"the {spelling.name} layout cannot hold extra (non-LoRA) "
+                                  f"tensors: {_named(adapter.extras)}",
+                                  key=next(iter(adapter.extras)),
+                                  hint="write diffusers or PEFT instead" + (
+                                      ", or bflcontrol" if any("_norm.scale" in k for k in
+                                                               adapter.extras) else "")
+                                  + ", or convert with --ignore-unknown to drop them")
     for key, m in adapter.modules.items():
         comp, rest = adapter.split_key(key)
         prefix = spelling.prefix_of(comp)
         if prefix is None:
             raise ConfigMismatchError(f"the {spelling.name} layout has no place for component "
                                       f"{comp!r}", key=key)
-        if m.bias is not None or m.magnitude is not None:
+        if (m.bias is not None and spelling.bias is None) or m.magnitude is not None:
             raise ConfigMismatchError(f"the {spelling.name} layout cannot hold a lora_B bias or "
                                       "DoRA magnitude", key=key, hint="write diffusers instead")
         down, up = cast(m.down, dtype), cast(m.up, dtype)
+        bias = None if m.bias is None else cast(m.bias, dtype)
         if alpha_s is None and m.scale != 1.0:
             up = (m.up.to(torch.float32) * m.scale).to(up.dtype)  # (out, r): scale 1
+            if bias is not None:  # PEFT scales lora_B's output, its bias included: (out,)
+                bias = (m.bias.to(torch.float32) * m.scale).to(bias.dtype)
         out[f"{prefix}{rest}.{down_s}"] = down
         out[f"{prefix}{rest}.{up_s}"] = up
+        if bias is not None:
+            out[f"{prefix}{rest}.{spelling.bias}"] = bias
         if alpha_s is not None:
             alpha = m.scale * m.rank
             t = torch.tensor(alpha, dtype=down.dtype)
             out[f"{prefix}{rest}.{alpha_s}"] = t if float(t) == alpha else \
                 torch.tensor(alpha, dtype=torch.float32)
-    if adapter.extras:
-        raise ConfigMismatchError(f"the {spelling.name} layout cannot hold extra tensors",
-                                  key=next(iter(adapter.extras)), hint="write PEFT instead")
+    for key, t in adapter.extras.items():
+        comp, rest = adapter.split_key(key)
+        prefix = spelling.prefix_of(comp)
+        if prefix is None or not any(f.extra_name(rest, "native") == rest
+                                     for f in _families()):
+            raise ConfigMismatchError(f"the {spelling.name} layout cannot hold this extra tensor "
+                                      "(only a family's known ones: norm scales)", key=key)
+        out[f"{prefix}{rest}"] = t  # verbatim
+    if spelling.extras and not adapter.extras:
+        raise ConfigMismatchError(
+            f"a {spelling.name} file holds the control LoRA's norm scales and this adapter has "
+            "none (it is no control LoRA)", key=next(iter(adapter.modules), None),
+            hint="write bfl (ComfyUI) or kohya for a plain Flux.1 LoRA")
     return out
+
+
+def _families():
+    from lorakit.formats.families import FAMILIES
+
+    return FAMILIES.values()
 
 
 def save_prefixed(adapter: Adapter, file: Path, spelling: Spelling, *,

@@ -30,11 +30,15 @@ class Format(str, enum.Enum):
     XLABS = "xlabs"
     AITOOLKIT = "aitoolkit"
     SIMPLETUNER = "simpletuner"
+    FALKONTEXT = "falkontext"
+    BFLCONTROL = "bflcontrol"
 
 
-ALIASES = {"comfyui": "bfl", "ai-toolkit": "aitoolkit"}
+ALIASES = {"comfyui": "bfl", "ai-toolkit": "aitoolkit", "fal-kontext": "falkontext",
+           "bfl-control": "bflcontrol"}
 # layouts written as one .safetensors file (PEFT is a folder)
-FILE_LAYOUTS = ("diffusers", "kohya", "bfl", "xlabs", "aitoolkit", "simpletuner", "comfyui")
+FILE_LAYOUTS = ("diffusers", "kohya", "bfl", "xlabs", "aitoolkit", "simpletuner", "comfyui",
+                "falkontext", "bflcontrol")
 LAYOUT_NAMES = tuple(f.value for f in Format) + tuple(ALIASES)
 
 
@@ -96,7 +100,18 @@ LAYOUTS: dict[str, Layout] = {
                               "`lora_up`/`.alpha`"),
     "xlabs": Layout(Format.XLABS, "xlabs",
                     description="XLabs: `double_blocks.N.processor.qkv_lora1.down.weight`"),
+    "falkontext": Layout(Format.FALKONTEXT, "native",
+                         description="fal Kontext trainer: `base_model.model.` + BFL names, "
+                                     "`lora_A`/`lora_B`, no alphas (scale folded)"),
+    "bflcontrol": Layout(Format.BFLCONTROL, "native",
+                         description="BFL Flux.1 Canny/Depth control LoRA: bare BFL names, "
+                                     "`lora_A`/`lora_B`/`lora_B.bias`, norm scales"),
 }
+
+
+# layouts whose files hold extra (non-LoRA) tensors: PEFT and diffusers keep any, bflcontrol a
+# control LoRA's norm scales; the others refuse them by name
+EXTRAS_LAYOUTS = ("peft", "diffusers", "aitoolkit", "simpletuner", "bflcontrol")
 
 
 def layouts_of(family: str) -> tuple[str, ...]:

@@ -110,11 +110,13 @@ def to_naming(adapter: Adapter, family: Family, naming: str) -> Adapter:
     """
     if naming not in NAMINGS:
         raise ConfigMismatchError(f"unknown naming {naming!r} (known: {', '.join(NAMINGS)})")
+    extras = _extras_in(adapter, family, naming)
     if not any(_moves(adapter, family, k, naming) for k in adapter.modules):
-        return adapter  # already in that naming: nothing is copied
+        # already in that naming: nothing is copied
+        return adapter if extras is adapter.extras else adapter.copy(extras=extras)
     split = {k: add_modules(ms, key=k) for k, ms in _split_all(adapter, family).items()}
     if naming == "diffusers" or not family.rules_for(naming):
-        return adapter.copy(modules=split)
+        return adapter.copy(modules=split, extras=extras)
     groups: dict[str, tuple[Rule, dict[int, LoraModule]]] = {}
     out: dict[str, LoraModule] = {}
     for key, m in split.items():
@@ -133,7 +135,23 @@ def to_naming(adapter: Adapter, family: Family, naming: str) -> Adapter:
     for nkey, (rule, parts) in groups.items():
         ordered = [parts.get(j) for j in range(len(rule.parts))]
         out[nkey] = fuse_modules(ordered, rule.weights, swap=rule.swap, key=nkey)
-    return adapter.copy(modules=out)
+    return adapter.copy(modules=out, extras=extras)
+
+
+def _extras_in(adapter: Adapter, family: Family, naming: str) -> dict:
+    """The adapter's extras with the family's known ones (norm scales) renamed for ``naming``
+    (``native`` or ``diffusers``; other namings keep them as they are); the same dict when
+    nothing moves."""
+    if naming not in ("native", "diffusers") or not family.extras or not adapter.extras:
+        return adapter.extras
+    out, moved = {}, False
+    for key, t in adapter.extras.items():
+        den, comp, path = _is_denoiser(adapter, family, key)
+        name = family.extra_name(path, naming) if den else None
+        new = _join(comp, name) if name else key
+        moved |= new != key
+        out[new] = t
+    return out if moved else adapter.extras
 
 
 def align(adapters: list[Adapter]) -> list[Adapter]:

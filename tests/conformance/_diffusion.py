@@ -328,3 +328,30 @@ def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) 
                                             transformer=model, metadata=meta, prefix=comp)
         else:
             pipe.load_lora_into_text_encoder(state, alphas, model, prefix=comp, metadata=meta)
+
+
+def flux1_full(in_channels: int = 64):
+    """Flux.1-dev's real config (19 double, 38 single blocks, width 3072) without memory: every
+    Linear gets a stride-0 zero weight (so LoRA layers land on the CPU, as loaders need), the
+    query/key norms and ``x_embedder`` get real memory (control LoRAs set and widen them)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        m = FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=19,
+                                   num_single_layers=38, attention_head_dim=128,
+                                   num_attention_heads=24, joint_attention_dim=4096,
+                                   pooled_projection_dim=768, guidance_embeds=True,
+                                   axes_dims_rope=(16, 56, 56))
+    for name, mod in m.named_modules():
+        if name == "x_embedder" or name.endswith(("norm_q", "norm_k", "norm_added_q",
+                                                  "norm_added_k")):
+            mod.to_empty(device="cpu")
+            for p in mod.parameters():
+                p.data.fill_(1.0)
+        elif isinstance(mod, torch.nn.Linear):
+            zero = torch.zeros(())
+            mod.weight = torch.nn.Parameter(zero.expand(mod.out_features, mod.in_features),
+                                            requires_grad=False)  # (out, in), no memory
+            if mod.bias is not None:
+                mod.bias = torch.nn.Parameter(zero.expand(mod.out_features), requires_grad=False)
+    return m

@@ -202,7 +202,7 @@ def test_real_flux_file_through_every_flux_layout(tmp_path):
     src = require_real("flux1_aitoolkit_leighwoods")
     a = lorakit.load(src)
     for layout in FLUX1.layouts:
-        if layout in ("xlabs", "peft"):
+        if layout in ("xlabs", "peft", "bflcontrol"):  # bflcontrol: control LoRAs only
             continue
         out = lorakit.save(a, tmp_path / f"{layout}.safetensors", layout)
         b = to_naming(lorakit.load(out), FLUX1, "diffusers")
@@ -335,7 +335,7 @@ def test_layout_table_lists_every_family():
     rows = table()
     assert rows[0][:4] == ["family", "peft", "diffusers", "aitoolkit"]
     flux = next(r for r in rows if r[0] == "Flux.1")
-    assert flux.count("yes") == 7
+    assert flux.count("yes") == 9  # with falkontext and bflcontrol
 
 
 def test_align_brings_two_namings_together(tmp_path):

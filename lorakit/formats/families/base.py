@@ -198,6 +198,11 @@ class Family:
         twin_of: a family whose names this one shares (HunyuanVideo's blocks are spelled as
             Flux.1's), or several (Ideogram 4's with Lumina 2 and Z-Image): a file the twin's
             markers claim is this family's when its metadata says so.
+        extras: full (non-LoRA) tensors some of the family's files carry, as rules from their
+            native name to their diffusers one (a Flux.1 control LoRA's norm scales,
+            ``double_blocks.{i}.img_attn.norm.query_norm.scale`` = ``attn.norm_q.weight``).
+        base_inputs: ``(diffusers path, input width)`` of base layers a LoRA may widen (a
+            Flux.1 control LoRA's ``img_in`` takes 128 channels, the base ``x_embedder`` 64).
     """
 
     name: str
@@ -212,12 +217,30 @@ class Family:
     anti_markers: tuple[str, ...] = ()
     native_known: tuple[str, ...] = field(default=())  # native paths no rule covers (same names)
     twin_of: str | tuple[str, ...] = ""
+    extras: tuple[Rule, ...] = ()
+    base_inputs: tuple[tuple[str, int], ...] = ()
 
     @property
     def twins(self) -> tuple[str, ...]:
         """The families named by ``twin_of``."""
         return (self.twin_of,) if isinstance(self.twin_of, str) and self.twin_of else \
             tuple(self.twin_of or ())
+
+    def extra_name(self, path: str, naming: str) -> str | None:
+        """The name of a known extra tensor's denoiser ``path`` (either naming) in ``naming``
+        (``native`` or ``diffusers``), or None when ``path`` is no known extra.
+
+        Example:
+            >>> from lorakit.formats.families import FLUX1
+            >>> FLUX1.extra_name("single_blocks.3.norm.key_norm.scale", "diffusers")
+            'single_transformer_blocks.3.attn.norm_k.weight'
+        """
+        for rule in self.extras:
+            if (parts := rule.match_native(path)) is not None:
+                return parts[0] if naming == "diffusers" else path
+            if (hit := rule.match_part(path)) is not None:
+                return path if naming == "diffusers" else hit[0]
+        return None
 
     @property
     def denoiser(self) -> Component:

@@ -5,7 +5,10 @@ Native (BFL) names fuse diffusers layers: a double block's ``img_attn.qkv`` is `
 ``to_k``, ``to_v``; a single block's ``linear1`` is ``attn.to_q``, ``to_k``, ``to_v`` and
 ``proj_mlp`` (rows 3072 + 3072 + 3072 + 12288) and ``linear2`` is ``proj_out`` (input
 3072 + 12288). ``final_layer.adaLN_modulation.1`` is diffusers' ``norm_out.linear`` with its
-shift and scale halves swapped. XLabs files spell attention processors
+shift and scale halves swapped. BFL's Flux.1 Canny/Depth control LoRAs also carry the query/key
+RMSNorm scales of every block as full tensors (``double_blocks.N.img_attn.norm.query_norm.scale``
+= diffusers' ``attn.norm_q.weight``), which replace the base's, and widen ``img_in`` to 128 input
+channels (the base ``x_embedder`` takes 64). XLabs files spell attention processors
 (``double_blocks.N.processor.qkv_lora1``); their single-block ``qkv_lora`` covers only the
 attention rows of ``linear1``.
 
@@ -82,6 +85,17 @@ HUNYUAN_ONLY = (r"^double_blocks\.\d+\.(img|txt)_(attn_(qkv|proj)|mlp\.fc[12]|mo
                 r"^context_embedder\.(proj_in|token_refiner\.|time_text_embed\.)",
                 r"^(img_in|x_embedder)\.proj$", r"^(time_in|guidance_in)\.mlp\.")
 
+# full tensors of a BFL control LoRA (Flux.1 Canny/Depth): the query/key RMSNorm scales, which
+# replace the base's (diffusers loads them into the transformer, ComfyUI sets them)
+NORMS = (
+    Rule("double_blocks.{i}.img_attn.norm.query_norm.scale", (f"{D}.attn.norm_q.weight",)),
+    Rule("double_blocks.{i}.img_attn.norm.key_norm.scale", (f"{D}.attn.norm_k.weight",)),
+    Rule("double_blocks.{i}.txt_attn.norm.query_norm.scale", (f"{D}.attn.norm_added_q.weight",)),
+    Rule("double_blocks.{i}.txt_attn.norm.key_norm.scale", (f"{D}.attn.norm_added_k.weight",)),
+    Rule("single_blocks.{i}.norm.query_norm.scale", (f"{S}.attn.norm_q.weight",)),
+    Rule("single_blocks.{i}.norm.key_norm.scale", (f"{S}.attn.norm_k.weight",)),
+)
+
 TRANSFORMER = Component(
     "transformer", "transformer", "lora_unet_",
     known=(indexed(*_d(*DOUBLE_SUBS), *_s(*SINGLE_SUBS), *TOP),),
@@ -92,9 +106,11 @@ FLUX1 = Family(
     name="flux1", title="Flux.1",
     components=(TRANSFORMER, CLIP_L, t5("text_encoder_2", "text encoder 2 (T5)", "lora_te3_")),
     rules=NATIVE, namings={"xlabs": XLABS},
-    layouts=("diffusers", "aitoolkit", "simpletuner", "kohya", "bfl", "xlabs", "peft"),
+    layouts=("diffusers", "aitoolkit", "simpletuner", "kohya", "bfl", "xlabs", "peft",
+             "falkontext", "bflcontrol"),
     modelspec="flux-1-dev/lora", base_version="flux1",
     markers=(r"^single_transformer_blocks\.", r"^(double|single)_blocks\.",
              r"^time_text_embed\.guidance_embedder\.", r"^x_embedder$"),
     anti_markers=(*HUNYUAN_ONLY, *FLUX2_ONLY),
+    extras=NORMS, base_inputs=(("x_embedder", 64),),
 )
