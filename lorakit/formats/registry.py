@@ -30,9 +30,10 @@ class Format(str, enum.Enum):
     XLABS = "xlabs"
     AITOOLKIT = "aitoolkit"
     SIMPLETUNER = "simpletuner"
+    PEFTNATIVE = "peftnative"
 
 
-ALIASES = {"comfyui": "bfl", "ai-toolkit": "aitoolkit"}
+ALIASES = {"comfyui": "bfl", "ai-toolkit": "aitoolkit", "peft-native": "peftnative"}
 # layouts written as one .safetensors file (PEFT is a folder)
 FILE_LAYOUTS = ("diffusers", "kohya", "bfl", "xlabs", "aitoolkit", "simpletuner", "comfyui")
 LAYOUT_NAMES = tuple(f.value for f in Format) + tuple(ALIASES)
@@ -88,7 +89,8 @@ LAYOUTS: dict[str, Layout] = {
     "simpletuner": Layout(Format.SIMPLETUNER, "diffusers",
                           description="SimpleTuner: diffusers keys and metadata"),
     "kohya": Layout(Format.KOHYA, None, native_families=("flux1", "sd3", "wan", "sdxl",
-                                                            "hunyuanvideo", "flux2"),
+                                                            "hunyuanvideo", "flux2",
+                                                            "minimaxh3"),
                     description="kohya sd-scripts / musubi-tuner: `lora_unet_` + native names, "
                                 "fused qkv, `.alpha`"),
     "bfl": Layout(Format.BFL, "native",
@@ -96,6 +98,9 @@ LAYOUTS: dict[str, Layout] = {
                               "`lora_up`/`.alpha`"),
     "xlabs": Layout(Format.XLABS, "xlabs",
                     description="XLabs: `double_blocks.N.processor.qkv_lora1.down.weight`"),
+    "peftnative": Layout(Format.PEFTNATIVE, "native",
+                         description="a PEFT folder in the original checkpoint's names (ACE-Step "
+                                     "1.5's trainer: `layers.0.self_attn.q_proj`)"),
 }
 
 

@@ -26,11 +26,13 @@ from lorakit.formats.families.sd import SD15, SDXL
 from lorakit.formats.families.sd3 import SD3
 from lorakit.formats.families.wan import WAN
 from lorakit.formats.families.zimage import ZIMAGE, has_zimage_proportions
+from lorakit.formats.families.acestep import ACESTEP, has_acestep_native_names
+from lorakit.formats.families.minimax import MINIMAX_H3
 from lorakit.naming import split_component
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
                                                     LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM,
-                                                    FLUX2, ZIMAGE)}
+                                                    FLUX2, ZIMAGE, ACESTEP, MINIMAX_H3)}
 
 # metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
 _META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanvideo"),
@@ -39,12 +41,15 @@ _META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanv
                ("flux2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
                ("stable-diffusion-v3", "sd3"), ("sd3", "sd3"),
                ("sdxl", "sdxl"), ("-xl-", "sdxl"), ("wan", "wan"), ("sd_v1", "sd15"),
-               ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"))
+               ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"),
+               ("ace-step", "acestep"), ("ace_step", "acestep"), ("acestep", "acestep"),
+               ("minimax-h3", "minimaxh3"), ("minimax_h3", "minimaxh3"))
 
 
 def get_family(name: str) -> Family:
     """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
-    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``).
+    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``,
+    ``acestep``, ``minimaxh3``).
 
     Example:
         >>> get_family("wan").title
@@ -156,6 +161,8 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
                 return twin
             return FAMILIES[top[0]]
     hint = _from_metadata(metadata or {})
+    if hint is None and has_acestep_native_names(denoiser):
+        return ACESTEP  # the original names only when no LLM spells them so
     if hint is None and shapes:
         plain = {split_component(k)[1] if component_prefix else k: v for k, v in shapes.items()}
         hint = _from_shapes(denoiser, plain)
@@ -171,4 +178,4 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
 
 __all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
            "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO",
-           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE"]
+           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE", "ACESTEP", "MINIMAX_H3"]
