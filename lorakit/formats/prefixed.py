@@ -82,7 +82,8 @@ BFL_AB = Spelling("bfl", BFL.prefixes, _LORA, ("lora_A.weight", "lora_B.weight",
 SPELLINGS = {"bfl": BFL, "xlabs": XLABS}
 WRITE_SPELLING = {("bfl", "wan"): BFL_AB, ("bfl", "ltxvideo"): BFL_AB,
                   ("bfl", "hunyuanvideo"): BFL_AB, ("bfl", "lumina2"): BFL_AB,
-                  ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB}
+                  ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB,
+                  ("bfl", "minimaxh3"): BFL_AB}  # MiniMax-H3: ai-toolkit's spelling
 
 
 def classify(keys: list[str]) -> str | None:
