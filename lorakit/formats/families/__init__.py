@@ -15,19 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from lorakit.formats.families.acestep import ACESTEP, has_acestep_native_names
 from lorakit.formats.families.base import BlockType, Component, Family, Rule
 from lorakit.formats.families.flux import FLUX1
 from lorakit.formats.families.flux2 import FLUX2, has_flux2_proportions
 from lorakit.formats.families.hidream import HIDREAM
 from lorakit.formats.families.hunyuan import HUNYUAN_VIDEO
 from lorakit.formats.families.lumina import LUMINA2
+from lorakit.formats.families.minimax import MINIMAX_H3
 from lorakit.formats.families.others import LTX_VIDEO, QWEN_IMAGE
 from lorakit.formats.families.sd import SD15, SDXL
 from lorakit.formats.families.sd3 import SD3
 from lorakit.formats.families.wan import WAN
 from lorakit.formats.families.zimage import ZIMAGE, has_zimage_proportions
-from lorakit.formats.families.acestep import ACESTEP, has_acestep_native_names
-from lorakit.formats.families.minimax import MINIMAX_H3
 from lorakit.naming import split_component
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
