@@ -224,3 +224,33 @@ def test_lorakit_reads_the_original_acestep_peft_folder_as_diffusers_does(tmp_pa
                             "down_proj"]}))
     a = _compare("acestep", folder / "adapter_model.safetensors", folder, D.acestep())
     assert a.source_format == "peftnative"
+
+
+def test_minimax_transformer_ref_partition_round_trips_through_diffusers(tmp_path):
+    """A diffusers file of both partitions (``transformer.`` and ``transformer_ref.``): lorakit
+    writes each under its own prefix and diffusers' ``load_lora_into_transformer_ref`` applies
+    the ``transformer_ref.`` layers to that partition, every module and update equal."""
+    import diffusers
+
+    ms = {"transformer": D.minimax_h3(), "transformer_ref": D.minimax_h3()}
+    src = build(ms, lambda c, n: n.startswith(("transformer_blocks.0.", "norm_out")))
+    assert adapter_family(src).name == "minimaxh3"
+    file = lorakit.save(src, tmp_path / "both.safetensors", "diffusers")
+    pipe = diffusers.MiniMaxH3ModularPipeline
+    state, meta = pipe.lora_state_dict(str(file), return_lora_metadata=True)
+    models = {"transformer": D.minimax_h3(), "transformer_ref": D.minimax_h3()}
+    pipe.load_lora_into_transformer({k: v for k, v in state.items()
+                                     if k.startswith("transformer.")},
+                                    transformer=models["transformer"], metadata=meta)
+    pipe.load_lora_into_transformer_ref({k: v for k, v in state.items()
+                                         if k.startswith("transformer_ref.")},
+                                        transformer_ref=models["transformer_ref"],
+                                        prefix="transformer_ref", metadata=meta)
+    got = {(c, n): d for c, m in models.items() for n, d in D.applied(m).items()}
+    want = expected(src, ms)
+    assert set(got) == set(want)
+    for k, ref in want.items():
+        assert float((got[k] - ref).norm() / ref.norm()) < RTOL, k
+    back = lorakit.load(file)
+    assert sorted(back.modules) == sorted(src.modules)
+    assert back.components() == ["transformer", "transformer_ref"]

@@ -67,7 +67,8 @@ def test_aitoolkit_qkv_splits_fc1_swaps_and_names_map(tmp_path):
         np.testing.assert_allclose(lora_delta(d[f"transformer.{ours}"]), np_delta(
             t[f"{p}{native}.lora_B.weight"], t[f"{p}{native}.lora_A.weight"], 1.0), rtol=1e-12)
     assert coverage_line(coverage(a, MINIMAX_H3)) == \
-        "blocks 2/50 (5 layer kinds), token refiner blocks 2/2 (attn.to_out.0, ff.net.0.proj only)"
+        "blocks 2/50 (5 layer kinds), token refiner blocks 2/2 (attn.to_out.0, ff.net.0.proj " \
+        "only), reference transformer none"
     out = lorakit.save(to_naming(a, MINIMAX_H3, "diffusers"), tmp_path / "a2.safetensors", "bfl")
     keys, meta = read_keys(out)
     assert keys == set(t) and meta["lorakit.family"] == "minimaxh3"
@@ -192,3 +193,15 @@ def test_module_minimax_does_not_have(key, tmp_path):
     with pytest.raises(UnknownLayoutError, match="MiniMax-H3 does not have") as info:
         lorakit.load(write_st(tmp_path / "f.safetensors", t))
     assert info.value.key == key
+
+
+def test_transformer_ref_is_a_component_kohya_and_comfyui_cannot_spell(tmp_path):
+    from lorakit.errors import ConfigMismatchError
+
+    t = ab("transformer_ref.transformer_blocks.0.adaln_proj.linear", 2, 12, 18 * H, 1)
+    a = lorakit.load(write_st(tmp_path / "ref.safetensors", t))
+    assert adapter_family(a) is MINIMAX_H3 and a.components() == ["transformer_ref"]
+    assert "reference transformer" in str(coverage(a, MINIMAX_H3))
+    for layout in ("kohya", "bfl"):
+        with pytest.raises(ConfigMismatchError, match="transformer_ref"):
+            lorakit.save(a, tmp_path / f"{layout}.safetensors", layout)

@@ -17,6 +17,8 @@ output halves swapped (the checkpoint's ``[gate; value]``, diffusers' ``[value; 
 ``audio_out`` are the top layers (``final_layer``'s modulation is ``(shift, scale)`` in both:
 no swap). DiffSynth-Studio's files (peft's ``.default.`` infix over the original names) keep the
 raw checkpoint's per-head-interleaved qkv: :mod:`lorakit.formats.diffsynth` reorders it.
+The pipeline's second partition, ``transformer_ref`` (same module names), is a component of its
+own in diffusers and PEFT files; no kohya or ComfyUI producer spells it.
 
 Example:
     >>> MINIMAX_H3.native_rule("blocks.3.attn.qkv_proj")[1][2]
@@ -58,14 +60,16 @@ NATIVE = (*_block_rules("blocks.{i}", D, True),
           *_block_rules("token_refiner.blocks.{i}", R, False),
           *(Rule(native, (ours,)) for native, ours in _TOP.items()))
 
-TRANSFORMER = Component(
-    "transformer", "transformer", "lora_unet_",
-    known=(indexed(*under(D, *BLOCK_SUBS), *under(R, *REFINER_SUBS), *_TOP.values()),),
-    blocks=(BlockType("blocks", D, 50, BLOCK_SUBS),
-            BlockType("token refiner blocks", R, 2, REFINER_SUBS)))
+_KNOWN = (indexed(*under(D, *BLOCK_SUBS), *under(R, *REFINER_SUBS), *_TOP.values()),)
+_BLOCKS = (BlockType("blocks", D, 50, BLOCK_SUBS),
+           BlockType("token refiner blocks", R, 2, REFINER_SUBS))
+TRANSFORMER = Component("transformer", "transformer", "lora_unet_", known=_KNOWN, blocks=_BLOCKS)
+# the ref2va workflow's partition: the same modules, diffusers names only, no kohya spelling
+TRANSFORMER_REF = Component("transformer_ref", "reference transformer", "", known=_KNOWN,
+                            blocks=_BLOCKS)
 
 MINIMAX_H3 = Family(
-    name="minimaxh3", title="MiniMax-H3", components=(TRANSFORMER,), rules=NATIVE,
+    name="minimaxh3", title="MiniMax-H3", components=(TRANSFORMER, TRANSFORMER_REF), rules=NATIVE,
     layouts=("diffusers", "kohya", "bfl", "peft"), modelspec="minimax-h3/lora",
     base_version="minimax_h3",
     markers=(r"^(transformer_blocks\.\d+\.adaln_proj\.linear|token_refiner\.refiner_blocks\.)",
