@@ -201,7 +201,8 @@ def test_transformer_ref_is_a_component_kohya_and_comfyui_cannot_spell(tmp_path)
     t = ab("transformer_ref.transformer_blocks.0.adaln_proj.linear", 2, 12, 18 * H, 1)
     a = lorakit.load(write_st(tmp_path / "ref.safetensors", t))
     assert adapter_family(a) is MINIMAX_H3 and a.components() == ["transformer_ref"]
-    assert "reference transformer" in str(coverage(a, MINIMAX_H3))
+    assert coverage_line(coverage(a, MINIMAX_H3)) == "transformer none, " \
+        "reference transformer: blocks 1/50 (adaln_proj.linear only), token refiner blocks 0/2"
     for layout in ("kohya", "bfl"):
         with pytest.raises(ConfigMismatchError, match="transformer_ref"):
             lorakit.save(a, tmp_path / f"{layout}.safetensors", layout)
