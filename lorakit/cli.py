@@ -263,7 +263,8 @@ def policy_values(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 LAYOUT_CHOICES = ("peft", "diffusers", "kohya", "bfl", "comfyui", "xlabs", "aitoolkit",
-                  "simpletuner", "falkontext", "fal-kontext", "bflcontrol", "bfl-control")
+                  "simpletuner", "falkontext", "fal-kontext", "bflcontrol", "bfl-control",
+                  "peftnative", "peft-native")
 
 
 def family_options(f):
@@ -318,7 +319,7 @@ def inspect_cmd(paths: tuple[str, ...], as_json: bool, no_spectra: bool, max_row
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--to", "to", required=True, type=click.Choice(list(LAYOUT_CHOICES)),
               help="Target layout (peft, diffusers, kohya, bfl/comfyui, xlabs, aitoolkit, "
-                   "simpletuner, falkontext, bflcontrol).")
+                   "simpletuner, falkontext, bflcontrol, peftnative).")
 @click.option("-o", "--output", "out", required=True,
               help="Output folder (PEFT) or file; a folder for a collection.")
 @click.option("--component", default=None,

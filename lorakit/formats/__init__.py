@@ -43,7 +43,7 @@ def load_adapter(path: str | Path, format: Format | str | None = None, *,
 
     ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
     ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``,
-    ``zimage``, ``ltx2``, ``ideogram4``, ``krea2``). Keys that fit no layout role or name no module of the family are an error
+    ``zimage``, ``ltx2``, ``ideogram4``, ``krea2``, ``acestep``, ``minimaxh3``). Keys that fit no layout role or name no module of the family are an error
     naming them, or with ``ignore_unknown`` are dropped and listed (:func:`lorakit.formats.coverage.ignored`).
     Any failure is a :class:`~lorakit.errors.LorakitError` naming the file, key and problem.
 
@@ -90,6 +90,10 @@ def _read(path: Path, fmt: Format | None) -> tuple[Adapter, list[str]]:
         return kohya.load_kohya(file, tensors, meta, layout)
     if detected in prefixed.SPELLINGS:
         return prefixed.load_prefixed(file, tensors, meta, layout)
+    if layout == "diffsynth":
+        from lorakit.formats.diffsynth import load_diffsynth
+
+        return load_diffsynth(file, tensors, meta)
     return diffusers.load_diffusers(file, tensors, meta, layout)
 
 
@@ -102,6 +106,11 @@ def _load(path: Path, fmt: Format | None, family: str | None,
     adapter = account(adapter, unknown, fam, ignore_unknown=ignore_unknown)
     if fam is not None:  # kept, so a later conversion of this adapter knows its family
         adapter.metadata[FAMILY_KEY] = fam.name
+    if fam is not None and adapter.source_format == "peft" and "peftnative" in fam.layouts:
+        from lorakit.formats.rename import naming_of
+
+        if naming_of(adapter, fam) == "native":  # ACE-Step's own trainer: written back as read
+            adapter.source_format = adapter.layout = "peftnative"
     return adapter
 
 
@@ -152,7 +161,8 @@ def to_layout(adapter: Adapter, fmt: Format | str, family: Family | str | None =
     if fam is not None and fmt.value not in fam.layouts and fmt is not Format.PEFT:
         raise OptionError(f"{fam.title} adapters have no {fmt.value} layout (its layouts: "
                           f"{', '.join(fam.layouts)})", path=adapter.source)
-    if fam is None and fmt in (Format.BFL, Format.XLABS, Format.FALKONTEXT, Format.BFLCONTROL):
+    if fam is None and fmt in (Format.BFL, Format.XLABS, Format.FALKONTEXT, Format.BFLCONTROL,
+                               Format.PEFTNATIVE):
         raise OptionError(f"the {fmt.value} layout needs a model family and none was detected",
                           path=adapter.source, hint="name it with --family")
     if fam is None or naming is None:
@@ -180,7 +190,7 @@ def save_adapter(adapter: Adapter, out: str | Path, format: Format | str | None 
     adapter.validate()
     adapter, fam = to_layout(adapter, fmt, family)
     out = Path(out)
-    if fmt is Format.PEFT:
+    if fmt in (Format.PEFT, Format.PEFTNATIVE):
         from lorakit.formats.peft import save_peft
 
         with atomic_output(out, force=force, is_dir=True) as tmp:
@@ -277,6 +287,7 @@ _CLASS_COMPONENT = {
     "Flux2Transformer2DModel": "transformer", "ZImageTransformer2DModel": "transformer",
     "LTX2VideoTransformer3DModel": "transformer", "LTX2TextConnectors": "connectors",
     "Ideogram4Transformer2DModel": "transformer", "Krea2Transformer2DModel": "transformer",
+    "AceStepTransformer1DModel": "transformer", "MiniMaxH3Transformer3DModel": "transformer",
 }
 _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                    "wan": "WanTransformer3DModel", "sdxl": "UNet2DConditionModel",
@@ -286,7 +297,9 @@ _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DMo
                    "hidream": "HiDreamImageTransformer2DModel",
                    "flux2": "Flux2Transformer2DModel", "zimage": "ZImageTransformer2DModel",
                    "ltx2": "LTX2VideoTransformer3DModel",
-                   "ideogram4": "Ideogram4Transformer2DModel", "krea2": "Krea2Transformer2DModel"}
+                   "ideogram4": "Ideogram4Transformer2DModel", "krea2": "Krea2Transformer2DModel",
+                   "acestep": "AceStepTransformer1DModel",
+                   "minimaxh3": "MiniMaxH3Transformer3DModel"}
 
 
 def infer_component(adapter: Adapter) -> str | None:
@@ -312,7 +325,7 @@ def convert(adapter: Adapter, to: Format | str, component: str | None = None,
         ['unet']
     """
     fmt = parse_format(to)
-    if fmt is Format.PEFT:
+    if fmt in (Format.PEFT, Format.PEFTNATIVE):
         out, _ = to_layout(adapter, fmt, family)
         out = select_component(out, component)
         if out.components():

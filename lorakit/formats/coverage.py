@@ -141,8 +141,10 @@ def coverage_line(entries: list[dict[str, Any]]) -> str:
     for n, e in enumerate(entries):
         if not e["modules"]:
             parts.append(f"{e['label']} none")
-        elif e["blocks"] and (n == 0 or len(e["blocks"]) > 1):
+        elif e["blocks"] and n == 0:
             parts.extend(_block_text(b) for b in e["blocks"])
+        elif e["blocks"] and len(e["blocks"]) > 1:  # another denoiser (MiniMax-H3's reference)
+            parts.append(f"{e['label']}: " + ", ".join(_block_text(b) for b in e["blocks"]))
         elif e["blocks"]:
             parts.append(_block_text(e["blocks"][0]))
         else:

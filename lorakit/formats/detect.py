@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.errors import ConfigMismatchError, InputNotFoundError, UnknownLayoutError
-from lorakit.formats import diffusers, kohya, lycoris, prefixed
+from lorakit.formats import diffsynth, diffusers, kohya, lycoris, prefixed
 from lorakit.formats.common import check_variants
 from lorakit.formats.peft import CONFIG_NAME
 from lorakit.formats.positional import refuse_positional
@@ -35,6 +35,8 @@ def classify_keys(keys: list[str], path: Path | str) -> tuple[str, str]:
             f"PEFT weights without {CONFIG_NAME} beside them (ranks and alphas are unknown)",
             path=path, hint=f"put the adapter's {CONFIG_NAME} next to the weights")
     if layout := diffusers.classify(keys):
+        return "diffusers", layout
+    if layout := diffsynth.classify(keys):
         return "diffusers", layout
     sample = ", ".join(sorted(keys)[:3])
     raise UnknownLayoutError(f"keys match no LoRA layout lorakit knows (e.g. {sample})",

@@ -40,12 +40,18 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[h:], t[:h]])
 
 
-def needs_swap(m: LoraModule, swap: bool) -> bool:
-    """A rule's swap applies to a 2x modulation (``out == 2 * in``), not to a 6x one."""
-    return swap and m.out_features == 2 * m.in_features
+def needs_swap(m: LoraModule, swap: bool | str) -> bool:
+    """A rule's swap applies to a 2x modulation (``out == 2 * in``), not to a 6x one;
+    ``"always"`` applies to any even output (a gated feed-forward's ``[gate; value]``)."""
+    if swap == "always":
+        if m.out_features % 2:
+            raise ShapeMismatchError(f"a layer of two swapped halves needs an even output, not "
+                                     f"{m.out_features}")
+        return True
+    return bool(swap) and m.out_features == 2 * m.in_features
 
 
-def split_module(m: LoraModule, weights: tuple[int, ...], *, swap: bool = False,
+def split_module(m: LoraModule, weights: tuple[int, ...], *, swap: bool | str = False,
                  key: str | None = None) -> list[LoraModule | None]:
     """The row-block parts of a fused module, sharing ``m.down``; a part whose B block is all
     zero while another's is not is None (it adds nothing; a fused file that never trained it).
@@ -95,7 +101,7 @@ def _same_down(parts: list[LoraModule]) -> bool:
 
 
 def fuse_modules(parts: list[LoraModule | None], weights: tuple[int, ...], *,
-                 swap: bool = False, key: str | None = None) -> LoraModule:
+                 swap: bool | str = False, key: str | None = None) -> LoraModule:
     """One module for the fused layer whose row blocks ``parts`` adapt (None: not adapted).
 
     Shared ``A`` and scale: ``A`` with the ``B_j`` stacked (rank r). Otherwise ``A`` stacked and

@@ -220,6 +220,10 @@ def is_sdxl(adapter: Adapter) -> bool:
 def _kohya_name(adapter: Adapter, key: str, comps: list[str], family: Family | None) -> str:
     comp, rest = adapter.split_key(key)
     if family is not None and (c := family.component(comp)) is not None:
+        if not c.kohya:
+            raise ConfigMismatchError(f"kohya files have no prefix for {family.title}'s "
+                                      f"component {comp!r}", key=key,
+                                      hint="write diffusers or peft instead")
         return c.kohya + rest.replace(".", "_")
     return dotted_to_kohya(comp, rest, comps)
 

@@ -304,7 +304,7 @@ def _config_still_valid(config: dict, adapter: Adapter, rslora: bool) -> bool:
 def build_config(adapter: Adapter) -> dict[str, Any]:
     """The ``adapter_config.json`` for ``adapter``: the original when it still holds, else updated."""
     rslora = bool(adapter.modules) and all(m.rslora for m in adapter.modules.values())
-    config = dict(adapter.config) if adapter.source_format == "peft" else {}
+    config = dict(adapter.config) if adapter.source_format in ("peft", "peftnative") else {}
     if config and _config_still_valid(config, adapter, rslora):
         return config
     ranks = {k: m.rank for k, m in adapter.modules.items()}
@@ -379,7 +379,7 @@ def save_peft(adapter: Adapter, folder: Path, *, dtype: torch.dtype | None = Non
     config = build_config(adapter)
     rslora = bool(config.get("use_rslora"))
     tensors = peft_tensors(adapter, dtype, rslora)
-    meta = dict(adapter.metadata) if adapter.source_format == "peft" else {}
+    meta = dict(adapter.metadata) if adapter.source_format in ("peft", "peftnative") else {}
     meta.setdefault("format", "pt")
     # write failures (disk full, shared storage between tensors) raise OutputWriteError
     write_safetensors(folder / WEIGHT_NAMES[0], tensors, meta)

@@ -115,7 +115,8 @@ _FAL_STEM = re.compile(r"^base_model\.model\.(double_blocks|single_blocks)\.\d+\
 WRITE_SPELLING = {("bfl", "wan"): BFL_AB, ("bfl", "ltxvideo"): BFL_AB,
                   ("bfl", "hunyuanvideo"): BFL_AB, ("bfl", "lumina2"): BFL_AB,
                   ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB, ("bfl", "ltx2"): BFL_AB,
-                  ("bfl", "krea2"): BFL_AB}
+                  ("bfl", "krea2"): BFL_AB,
+                  ("bfl", "minimaxh3"): BFL_AB}  # MiniMax-H3: ai-toolkit's spelling
 
 
 def classify(keys: list[str]) -> str | None:

@@ -32,10 +32,11 @@ class Format(str, enum.Enum):
     SIMPLETUNER = "simpletuner"
     FALKONTEXT = "falkontext"
     BFLCONTROL = "bflcontrol"
+    PEFTNATIVE = "peftnative"
 
 
 ALIASES = {"comfyui": "bfl", "ai-toolkit": "aitoolkit", "fal-kontext": "falkontext",
-           "bfl-control": "bflcontrol"}
+           "bfl-control": "bflcontrol", "peft-native": "peftnative"}
 # layouts written as one .safetensors file (PEFT is a folder)
 FILE_LAYOUTS = ("diffusers", "kohya", "bfl", "xlabs", "aitoolkit", "simpletuner", "comfyui",
                 "falkontext", "bflcontrol")
@@ -92,7 +93,8 @@ LAYOUTS: dict[str, Layout] = {
     "simpletuner": Layout(Format.SIMPLETUNER, "diffusers",
                           description="SimpleTuner: diffusers keys and metadata"),
     "kohya": Layout(Format.KOHYA, None, native_families=("flux1", "sd3", "wan", "sdxl",
-                                                            "hunyuanvideo", "flux2"),
+                                                            "hunyuanvideo", "flux2",
+                                                            "minimaxh3"),
                     description="kohya sd-scripts / musubi-tuner: `lora_unet_` + native names, "
                                 "fused qkv, `.alpha`"),
     "bfl": Layout(Format.BFL, "native",
@@ -106,6 +108,9 @@ LAYOUTS: dict[str, Layout] = {
     "bflcontrol": Layout(Format.BFLCONTROL, "native",
                          description="BFL Flux.1 Canny/Depth control LoRA: bare BFL names, "
                                      "`lora_A`/`lora_B`/`lora_B.bias`, norm scales"),
+    "peftnative": Layout(Format.PEFTNATIVE, "native",
+                         description="a PEFT folder in the original checkpoint's names (ACE-Step "
+                                     "1.5's trainer: `layers.0.self_attn.q_proj`)"),
 }
 
 

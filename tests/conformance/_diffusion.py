@@ -264,6 +264,35 @@ def unet(sdxl: bool):
     return m.to_empty(device="cpu")
 
 
+def acestep():
+    """ACE-Step 1.5's DiT with two layers, 32 wide (4 query and 2 key/value heads of 8): its real
+    names (``layers.N.self_attn.to_q``, ``cross_attn.to_out.0``, ``mlp.gate_proj``,
+    ``time_embed_r.time_proj``, ``condition_embedder``)."""
+    from diffusers import AceStepTransformer1DModel
+
+    with torch.device("meta"):
+        m = AceStepTransformer1DModel(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      in_channels=8, audio_acoustic_hidden_dim=4, patch_size=2,
+                                      sliding_window=4)
+    return m.to_empty(device="cpu")
+
+
+def minimax_h3(heads: int = 1, head_dim: int = 16):
+    """MiniMax-H3 with two blocks and two token-refiner blocks, 24 wide with ``heads`` x
+    ``head_dim`` attention (wider than the residual, as the real one): its real names
+    (``transformer_blocks.N.attn.to_q``, ``ff.net.0.proj``, ``adaln_proj.linear``,
+    ``token_refiner.refiner_blocks.N``, ``audio_proj_in``, ``norm_out.linear``)."""
+    from diffusers import MiniMaxH3Transformer3DModel
+
+    with torch.device("meta"):
+        m = MiniMaxH3Transformer3DModel(
+            num_attention_heads=heads, attention_head_dim=head_dim, hidden_size=24, num_layers=2,
+            num_refiner_layers=2, ffn_dim=40, in_channels=4, audio_in_channels=6, text_dim=20,
+            freq_dim=16, time_embed_hidden_dim=28, time_embed_dim=12, rope_freq_dim=2)
+    return m.to_empty(device="cpu")
+
+
 def clip(with_projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -299,7 +328,8 @@ PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "hunyuanvideo": "HunyuanVideoPipeline", "lumina2": "Lumina2Pipeline",
              "hidream": "HiDreamImagePipeline", "flux2": "Flux2Pipeline",
              "zimage": "ZImagePipeline", "ltx2": "LTX2Pipeline", "ideogram4": "Ideogram4Pipeline",
-             "krea2": "Krea2Pipeline"}
+             "krea2": "Krea2Pipeline", "acestep": "AceStepPipeline",
+             "minimaxh3": "MiniMaxH3ModularPipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:

@@ -156,7 +156,7 @@ def test_coverage_counts_48_blocks_and_the_connectors(tmp_path):
     path = write_st(tmp_path / "d.safetensors", t)
     a = lorakit.load(path)
     assert coverage_line(coverage(a, LTX2)) == \
-        "blocks 48/48 (attn1.to_q, audio_to_video_attn.to_q only), video connector blocks 1/2 " \
+        "blocks 48/48 (attn1.to_q, audio_to_video_attn.to_q only), connectors: video connector blocks 1/2 " \
         "(ff.net.2 only), audio connector blocks 0/2"
     info = json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--json", "--no-spectra"])
                       .output)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from lorakit.formats.families.acestep import ACESTEP, has_acestep_native_names
 from lorakit.formats.families.base import BlockType, Component, Family, Rule
 from lorakit.formats.families.flux import FLUX1
 from lorakit.formats.families.flux2 import FLUX2, has_flux2_proportions
@@ -24,6 +25,7 @@ from lorakit.formats.families.ideogram4 import IDEOGRAM4, has_ideogram4_width
 from lorakit.formats.families.krea2 import KREA2, has_krea2_gqa
 from lorakit.formats.families.ltx2 import LTX2
 from lorakit.formats.families.lumina import LUMINA2
+from lorakit.formats.families.minimax import MINIMAX_H3
 from lorakit.formats.families.others import LTX_VIDEO, QWEN_IMAGE
 from lorakit.formats.families.sd import SD15, SDXL
 from lorakit.formats.families.sd3 import SD3
@@ -33,7 +35,8 @@ from lorakit.naming import split_component
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
                                                     LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM,
-                                                    FLUX2, ZIMAGE, LTX2, IDEOGRAM4, KREA2)}
+                                                    FLUX2, ZIMAGE, LTX2, IDEOGRAM4, KREA2,
+                                                    ACESTEP, MINIMAX_H3)}
 
 # metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
 _META_HINTS = (("qwen", "qwenimage"), ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx_2", "ltx2"),
@@ -45,13 +48,15 @@ _META_HINTS = (("qwen", "qwenimage"), ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx
                ("sdxl", "sdxl"), ("-xl-", "sdxl"), ("wan", "wan"), ("sd_v1", "sd15"),
                ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"),
                ("ideogram", "ideogram4"), ("krea2", "krea2"), ("krea-2", "krea2"),
-               ("krea_2", "krea2"))
+               ("krea_2", "krea2"),
+               ("ace-step", "acestep"), ("ace_step", "acestep"), ("acestep", "acestep"),
+               ("minimax-h3", "minimaxh3"), ("minimax_h3", "minimaxh3"))
 
 
 def get_family(name: str) -> Family:
     """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
     ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``,
-    ``ltx2``, ``ideogram4``, ``krea2``).
+    ``ltx2``, ``ideogram4``, ``krea2``, ``acestep``, ``minimaxh3``).
 
     Example:
         >>> get_family("wan").title
@@ -165,6 +170,8 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
                 return twin
             return FAMILIES[top[0]]
     hint = _from_metadata(metadata or {})
+    if hint is None and has_acestep_native_names(denoiser):
+        return ACESTEP  # the original names only when no LLM spells them so
     if hint is None and shapes:
         plain = {split_component(k)[1] if component_prefix else k: v for k, v in shapes.items()}
         hint = _from_shapes(denoiser, plain)
@@ -180,4 +187,5 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
 
 __all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
            "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO",
-           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE", "LTX2", "IDEOGRAM4", "KREA2"]
+           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE", "LTX2", "IDEOGRAM4", "KREA2",
+           "ACESTEP", "MINIMAX_H3"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Literal
 
 
 def _template_regex(template: str, sep: str = ".") -> re.Pattern[str]:
@@ -48,12 +49,14 @@ class Rule:
             one with its two halves swapped (BFL/SAI ``adaLN_modulation`` is ``(shift, scale)``,
             diffusers' ``AdaLayerNormContinuous`` is ``(scale, shift)``); a 6x modulation of the
             same name is not swapped (SD3's last ``context_block`` is 2x, the others 6x).
+            ``"always"`` swaps the two halves whatever the proportions (MiniMax-H3's SwiGLU
+            ``mlp.fc1`` is ``[gate; value]``, diffusers' ``ff.net.0.proj`` ``[value; gate]``).
     """
 
     native: str
     parts: tuple[str, ...]
     ratios: tuple[int, ...] | None = None
-    swap: bool = False
+    swap: bool | Literal["always"] = False
 
     @cached_property
     def native_re(self) -> re.Pattern[str]:
