@@ -17,7 +17,8 @@ Example:
 
 from __future__ import annotations
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior",
+              "text_conditioner")
 
 # kohya prefix -> component. Order matters: longest first.
 KOHYA_PREFIXES: tuple[tuple[str, str], ...] = (

@@ -43,7 +43,7 @@ def load_adapter(path: str | Path, format: Format | str | None = None, *,
 
     ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
     ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``,
-    ``zimage``). Keys that fit no layout role or name no module of the family are an error
+    ``zimage``, ``flux3``, ``anima``). Keys that fit no layout role or name no module of the family are an error
     naming them, or with ``ignore_unknown`` are dropped and listed (:func:`lorakit.formats.coverage.ignored`).
     Any failure is a :class:`~lorakit.errors.LorakitError` naming the file, key and problem.
 
@@ -265,6 +265,8 @@ _CLASS_COMPONENT = {
     "WanTransformer3DModel": "transformer", "HunyuanVideoTransformer3DModel": "transformer",
     "Lumina2Transformer2DModel": "transformer", "HiDreamImageTransformer2DModel": "transformer",
     "Flux2Transformer2DModel": "transformer", "ZImageTransformer2DModel": "transformer",
+    "Flux3Transformer2DModel": "transformer", "CosmosTransformer3DModel": "transformer",
+    "AnimaTextConditioner": "text_conditioner",
 }
 _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                    "wan": "WanTransformer3DModel", "sdxl": "UNet2DConditionModel",
@@ -272,7 +274,8 @@ _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DMo
                    "hunyuanvideo": "HunyuanVideoTransformer3DModel",
                    "lumina2": "Lumina2Transformer2DModel",
                    "hidream": "HiDreamImageTransformer2DModel",
-                   "flux2": "Flux2Transformer2DModel", "zimage": "ZImageTransformer2DModel"}
+                   "flux2": "Flux2Transformer2DModel", "zimage": "ZImageTransformer2DModel",
+                   "flux3": "Flux3Transformer2DModel", "anima": "CosmosTransformer3DModel"}
 
 
 def infer_component(adapter: Adapter) -> str | None:

@@ -71,18 +71,20 @@ _LORA = (("lora_down.weight", "down"), ("lora_up.weight", "up"), ("lora_A.weight
 
 BFL = Spelling("bfl", (("text_encoders.clip_l.transformer.", "text_encoder"),
                        ("text_encoders.t5xxl.transformer.", "text_encoder_2"),
+                       ("diffusion_model.llm_adapter.", "text_conditioner"),  # Anima's
                        ("diffusion_model.", "transformer")),
                _LORA, ("lora_down.weight", "lora_up.weight", "alpha"), "native")
 XLABS = Spelling("xlabs", (("diffusion_model.", "transformer"), ("", "transformer")),
                  (("down.weight", "down"), ("up.weight", "up")),
                  ("down.weight", "up.weight", None), "xlabs")
-# ComfyUI's Wan, LTX-Video, HunyuanVideo, Lumina 2, HiDream and Flux.2 files: lora_A/lora_B and no alphas
+# ComfyUI's Wan, LTX-Video, HunyuanVideo, Lumina 2, HiDream, Flux.2, Flux.3 and Anima files: lora_A/lora_B and no alphas
 # (diffusers' Wan reader takes alphas in blocks only, the others none), so scales are folded
 BFL_AB = Spelling("bfl", BFL.prefixes, _LORA, ("lora_A.weight", "lora_B.weight", None), "native")
 SPELLINGS = {"bfl": BFL, "xlabs": XLABS}
 WRITE_SPELLING = {("bfl", "wan"): BFL_AB, ("bfl", "ltxvideo"): BFL_AB,
                   ("bfl", "hunyuanvideo"): BFL_AB, ("bfl", "lumina2"): BFL_AB,
-                  ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB}
+                  ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB,
+                  ("bfl", "flux3"): BFL_AB, ("bfl", "anima"): BFL_AB}
 
 
 def classify(keys: list[str]) -> str | None:

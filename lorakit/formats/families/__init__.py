@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from lorakit.formats.families.anima import ANIMA
 from lorakit.formats.families.base import BlockType, Component, Family, Rule
 from lorakit.formats.families.flux import FLUX1
 from lorakit.formats.families.flux2 import FLUX2, has_flux2_proportions
+from lorakit.formats.families.flux3 import FLUX3
 from lorakit.formats.families.hidream import HIDREAM
 from lorakit.formats.families.hunyuan import HUNYUAN_VIDEO
 from lorakit.formats.families.lumina import LUMINA2
@@ -30,21 +32,24 @@ from lorakit.naming import split_component
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
                                                     LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM,
-                                                    FLUX2, ZIMAGE)}
+                                                    FLUX2, ZIMAGE, FLUX3, ANIMA)}
 
 # metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
 _META_HINTS = (("qwen", "qwenimage"), ("ltx", "ltxvideo"), ("hunyuan", "hunyuanvideo"),
                ("z-image", "zimage"), ("zimage", "zimage"), ("z_image", "zimage"),
                ("lumina", "lumina2"), ("hidream", "hidream"), ("flux-2", "flux2"),
-               ("flux2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
+               ("flux2", "flux2"), ("flux.2", "flux2"), ("flux-3", "flux3"),
+               ("flux3", "flux3"), ("flux.3", "flux3"), ("flux", "flux1"),
                ("stable-diffusion-v3", "sd3"), ("sd3", "sd3"),
                ("sdxl", "sdxl"), ("-xl-", "sdxl"), ("wan", "wan"), ("sd_v1", "sd15"),
-               ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"))
+               ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"),
+               ("anima", "anima"))
 
 
 def get_family(name: str) -> Family:
     """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
-    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``).
+    ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``, ``flux3``,
+    ``anima``).
 
     Example:
         >>> get_family("wan").title
@@ -108,6 +113,17 @@ def _shape_twin(top: str, denoiser: list[str], shapes: Mapping[str, tuple[int, i
     return twin if test(denoiser, plain) else None
 
 
+_SHARED_COMPONENTS = {"transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3"}
+
+
+def _own_component(comps: set[str | None]) -> Family | None:
+    """The family of a component no other family has (Anima's ``text_conditioner``)."""
+    for fam in FAMILIES.values():
+        if comps & ({c.name for c in fam.components} - _SHARED_COMPONENTS):
+            return fam
+    return None
+
+
 def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None,
                   shapes: Mapping[str, tuple[int, int]] | None = None,
                   component_prefix: bool = True) -> Family | None:
@@ -130,6 +146,8 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
         comp, rest = split_component(k) if component_prefix else (None, k)
         comps.add(comp)
         paths.append(rest)
+    if own := _own_component(comps):
+        return own  # a component only one family has (Anima's text_conditioner)
     if comps and comps <= {"text_encoder", "text_encoder_2", "text_encoder_3"} or not paths:
         hint = _from_metadata(metadata or {})
         sdxl_te = (metadata or {}).get("lorakit.kohya_te_prefix") == "lora_te1_"
@@ -171,4 +189,4 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
 
 __all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
            "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO",
-           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE"]
+           "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE", "FLUX3", "ANIMA"]

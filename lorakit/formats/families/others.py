@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from lorakit.formats.families.anima import ANIMA_ONLY
 from lorakit.formats.families.base import BlockType, Component, Family, indexed
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
@@ -45,5 +46,6 @@ LTX_VIDEO = Family(
     markers=(r"^transformer_blocks\.\d+\.attn1\.", r"^caption_projection\.",
              r"^time_embed\.emb\."),
     anti_markers=(r"^transformer_blocks\.\d+\.attn\.",  # Flux.1 / SD3 / Qwen-Image blocks
-                  r"^caption_projection\.\d+\.linear$"),  # HiDream's projections
+                  r"^caption_projection\.\d+\.linear$",  # HiDream's projections
+                  *ANIMA_ONLY),  # Anima's (Cosmos) names
 )
