@@ -19,7 +19,8 @@ from __future__ import annotations
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior",
               "connectors",  # LTX-2's text connectors
-              "transformer_ref")  # MiniMax-H3's second partition
+              "transformer_ref",  # MiniMax-H3's second partition
+              "text_conditioner")  # Anima's LLM adapter
 
 # kohya prefix -> component. Order matters: longest first.
 KOHYA_PREFIXES: tuple[tuple[str, str], ...] = (

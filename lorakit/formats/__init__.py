@@ -43,7 +43,8 @@ def load_adapter(path: str | Path, format: Format | str | None = None, *,
 
     ``family`` overrides detection (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
     ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``,
-    ``zimage``, ``ltx2``, ``ideogram4``, ``krea2``, ``acestep``, ``minimaxh3``). Keys that fit no layout role or name no module of the family are an error
+    ``zimage``, ``ltx2``, ``ideogram4``, ``krea2``, ``acestep``, ``minimaxh3``, ``flux3``,
+    ``anima``). Keys that fit no layout role or name no module of the family are an error
     naming them, or with ``ignore_unknown`` are dropped and listed (:func:`lorakit.formats.coverage.ignored`).
     Any failure is a :class:`~lorakit.errors.LorakitError` naming the file, key and problem.
 
@@ -288,6 +289,8 @@ _CLASS_COMPONENT = {
     "LTX2VideoTransformer3DModel": "transformer", "LTX2TextConnectors": "connectors",
     "Ideogram4Transformer2DModel": "transformer", "Krea2Transformer2DModel": "transformer",
     "AceStepTransformer1DModel": "transformer", "MiniMaxH3Transformer3DModel": "transformer",
+    "Flux3Transformer2DModel": "transformer", "CosmosTransformer3DModel": "transformer",
+    "AnimaTextConditioner": "text_conditioner",
 }
 _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                    "wan": "WanTransformer3DModel", "sdxl": "UNet2DConditionModel",
@@ -299,7 +302,8 @@ _DENOISER_CLASS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DMo
                    "ltx2": "LTX2VideoTransformer3DModel",
                    "ideogram4": "Ideogram4Transformer2DModel", "krea2": "Krea2Transformer2DModel",
                    "acestep": "AceStepTransformer1DModel",
-                   "minimaxh3": "MiniMaxH3Transformer3DModel"}
+                   "minimaxh3": "MiniMaxH3Transformer3DModel",
+                   "flux3": "Flux3Transformer2DModel", "anima": "CosmosTransformer3DModel"}
 
 
 def infer_component(adapter: Adapter) -> str | None:

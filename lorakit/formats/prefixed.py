@@ -84,6 +84,7 @@ _LORA = (("lora_down.weight", "down"), ("lora_up.weight", "up"), ("lora_A.weight
 
 BFL = Spelling("bfl", (("text_encoders.clip_l.transformer.", "text_encoder"),
                        ("text_encoders.t5xxl.transformer.", "text_encoder_2"),
+                       ("diffusion_model.llm_adapter.", "text_conditioner"),  # Anima's
                        ("diffusion_model.", "transformer"),
                        ("text_embedding_projection.", "connectors"),  # LTX-2's connectors
                        ("conditional_transformer.", "transformer")),  # Ideogram 4's, read only
@@ -91,9 +92,9 @@ BFL = Spelling("bfl", (("text_encoders.clip_l.transformer.", "text_encoder"),
 XLABS = Spelling("xlabs", (("diffusion_model.", "transformer"), ("", "transformer")),
                  (("down.weight", "down"), ("up.weight", "up")),
                  ("down.weight", "up.weight", None), "xlabs")
-# ComfyUI's Wan, LTX-Video, HunyuanVideo, Lumina 2, HiDream, Flux.2, LTX-2 and Krea 2 files:
-# lora_A/lora_B and no alphas (diffusers' Wan reader takes alphas in blocks only, the others
-# none), so scales are folded
+# ComfyUI's Wan, LTX-Video, HunyuanVideo, Lumina 2, HiDream, Flux.2, LTX-2, Krea 2, Flux.3 and
+# Anima files: lora_A/lora_B and no alphas (diffusers' Wan reader takes alphas in blocks only,
+# the others none), so scales are folded
 BFL_AB = Spelling("bfl", BFL.prefixes, _LORA, ("lora_A.weight", "lora_B.weight", None), "native")
 # ai-toolkit's Krea 2 files: its PEFT state dict of the original model (``base_model.model.`` +
 # original names, lora_A/lora_B, no alphas) with no adapter_config.json beside it; read only
@@ -115,7 +116,7 @@ _FAL_STEM = re.compile(r"^base_model\.model\.(double_blocks|single_blocks)\.\d+\
 WRITE_SPELLING = {("bfl", "wan"): BFL_AB, ("bfl", "ltxvideo"): BFL_AB,
                   ("bfl", "hunyuanvideo"): BFL_AB, ("bfl", "lumina2"): BFL_AB,
                   ("bfl", "hidream"): BFL_AB, ("bfl", "flux2"): BFL_AB, ("bfl", "ltx2"): BFL_AB,
-                  ("bfl", "krea2"): BFL_AB,
+                  ("bfl", "krea2"): BFL_AB, ("bfl", "flux3"): BFL_AB, ("bfl", "anima"): BFL_AB,
                   ("bfl", "minimaxh3"): BFL_AB}  # MiniMax-H3: ai-toolkit's spelling
 
 

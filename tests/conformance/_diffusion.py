@@ -241,6 +241,34 @@ def ltx2_connectors(v23: bool = False):
             audio_connector_num_learnable_registers=None, per_modality_projections=v23,
             video_hidden_dim=16, audio_hidden_dim=8)
     return m.to_empty(device="cpu")
+def flux3():
+    """Flux.3 with one block per mode (image, image_cond, text) and one single block, heads of 8,
+    flow-map embedder on: its real names (``mode_blocks.image.0.attn.to_q``,
+    ``txt_mode_blocks.0.ff.linear_in``, ``early_stream_modulations.txt.linear``, ...)."""
+    from diffusers import Flux3Transformer2DModel
+
+    with torch.device("meta"):
+        m = Flux3Transformer2DModel(
+            in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+            timestep_channels=16, axes_dims_rope=(2, 2, 2, 2), flow_map=True)
+    return m.to_empty(device="cpu")
+
+
+def anima():
+    """Anima's transformer (Cosmos Predict2's ``CosmosTransformer3DModel``, two blocks, heads of
+    16, adaLN-LoRA width 8) and its text conditioner (the LLM adapter, two blocks, an input
+    projection): ``{"transformer": ..., "text_conditioner": ...}``."""
+    from diffusers import AnimaTextConditioner, CosmosTransformer3DModel
+
+    with torch.device("meta"):
+        t = CosmosTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+            num_layers=2, text_embed_dim=16, adaln_lora_dim=8, max_size=(4, 16, 16),
+            patch_size=(1, 2, 2), extra_pos_embed_type=None)
+        c = AnimaTextConditioner(source_dim=24, target_dim=16, model_dim=32, num_layers=2,
+                                 num_attention_heads=2, target_vocab_size=32)
+    return {"transformer": t.to_empty(device="cpu"), "text_conditioner": c.to_empty(device="cpu")}
 
 
 def unet(sdxl: bool):
@@ -329,7 +357,8 @@ PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
              "hidream": "HiDreamImagePipeline", "flux2": "Flux2Pipeline",
              "zimage": "ZImagePipeline", "ltx2": "LTX2Pipeline", "ideogram4": "Ideogram4Pipeline",
              "krea2": "Krea2Pipeline", "acestep": "AceStepPipeline",
-             "minimaxh3": "MiniMaxH3ModularPipeline"}
+             "minimaxh3": "MiniMaxH3ModularPipeline", "flux3": "Flux3ModularPipeline",
+             "anima": "AnimaModularPipeline"}
 
 
 def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) -> None:
@@ -356,6 +385,8 @@ def diffusers_load(family: str, file: Path, models: dict[str, torch.nn.Module]) 
             pipe.load_lora_into_transformer({k: v for k, v in state.items()
                                              if k.startswith("connectors.")},
                                             transformer=model, metadata=meta, prefix=comp)
+        elif comp == "text_conditioner":  # Anima's LLM adapter
+            pipe.load_lora_into_text_conditioner(state, text_conditioner=model, metadata=meta)
         else:
             pipe.load_lora_into_text_encoder(state, alphas, model, prefix=comp, metadata=meta)
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from lorakit.formats.families.acestep import ACESTEP, has_acestep_native_names
+from lorakit.formats.families.anima import ANIMA
 from lorakit.formats.families.base import BlockType, Component, Family, Rule
 from lorakit.formats.families.flux import FLUX1
 from lorakit.formats.families.flux2 import FLUX2, has_flux2_proportions
+from lorakit.formats.families.flux3 import FLUX3
 from lorakit.formats.families.hidream import HIDREAM
 from lorakit.formats.families.hunyuan import HUNYUAN_VIDEO
 from lorakit.formats.families.ideogram4 import IDEOGRAM4, has_ideogram4_width
@@ -36,27 +38,28 @@ from lorakit.naming import split_component
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, SD3, SDXL, SD15, WAN, QWEN_IMAGE,
                                                     LTX_VIDEO, HUNYUAN_VIDEO, LUMINA2, HIDREAM,
                                                     FLUX2, ZIMAGE, LTX2, IDEOGRAM4, KREA2,
-                                                    ACESTEP, MINIMAX_H3)}
+                                                    ACESTEP, MINIMAX_H3, FLUX3, ANIMA)}
 
 # metadata values that name a family (kohya ss_base_model_version, modelspec.architecture)
 _META_HINTS = (("qwen", "qwenimage"), ("ltx-2", "ltx2"), ("ltx2", "ltx2"), ("ltx_2", "ltx2"),
                ("ltx", "ltxvideo"), ("hunyuan", "hunyuanvideo"),
                ("z-image", "zimage"), ("zimage", "zimage"), ("z_image", "zimage"),
                ("lumina", "lumina2"), ("hidream", "hidream"), ("flux-2", "flux2"),
-               ("flux2", "flux2"), ("flux.2", "flux2"), ("flux", "flux1"),
+               ("flux2", "flux2"), ("flux.2", "flux2"), ("flux-3", "flux3"),
+               ("flux3", "flux3"), ("flux.3", "flux3"), ("flux", "flux1"),
                ("stable-diffusion-v3", "sd3"), ("sd3", "sd3"),
                ("sdxl", "sdxl"), ("-xl-", "sdxl"), ("wan", "wan"), ("sd_v1", "sd15"),
                ("sd_v2", "sd15"), ("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"),
                ("ideogram", "ideogram4"), ("krea2", "krea2"), ("krea-2", "krea2"),
                ("krea_2", "krea2"),
                ("ace-step", "acestep"), ("ace_step", "acestep"), ("acestep", "acestep"),
-               ("minimax-h3", "minimaxh3"), ("minimax_h3", "minimaxh3"))
+               ("minimax-h3", "minimaxh3"), ("minimax_h3", "minimaxh3"), ("anima", "anima"))
 
 
 def get_family(name: str) -> Family:
     """The family called ``name`` (``flux1``, ``sd3``, ``sdxl``, ``sd15``, ``wan``,
     ``qwenimage``, ``ltxvideo``, ``hunyuanvideo``, ``lumina2``, ``hidream``, ``flux2``, ``zimage``,
-    ``ltx2``, ``ideogram4``, ``krea2``, ``acestep``, ``minimaxh3``).
+    ``ltx2``, ``ideogram4``, ``krea2``, ``acestep``, ``minimaxh3``, ``flux3``, ``anima``).
 
     Example:
         >>> get_family("wan").title
@@ -122,6 +125,17 @@ def _shape_twin(top: str, denoiser: list[str], shapes: Mapping[str, tuple[int, i
     return next((twin for twin, test in tests if test(denoiser, plain)), None)
 
 
+_SHARED_COMPONENTS = {"transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3"}
+
+
+def _own_component(comps: set[str | None]) -> Family | None:
+    """The family of a component no other family has (Anima's ``text_conditioner``)."""
+    for fam in FAMILIES.values():
+        if comps & ({c.name for c in fam.components} - _SHARED_COMPONENTS):
+            return fam
+    return None
+
+
 def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None,
                   shapes: Mapping[str, tuple[int, int]] | None = None,
                   component_prefix: bool = True) -> Family | None:
@@ -144,6 +158,8 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
         comp, rest = split_component(k) if component_prefix else (None, k)
         comps.add(comp)
         paths.append(rest)
+    if own := _own_component(comps):
+        return own  # a component only one family has (Anima's text_conditioner)
     if comps and comps <= {"text_encoder", "text_encoder_2", "text_encoder_3"} or not paths:
         hint = _from_metadata(metadata or {})
         sdxl_te = (metadata or {}).get("lorakit.kohya_te_prefix") == "lora_te1_"
@@ -169,7 +185,15 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
             if shapes and (twin := _shape_twin(top[0], denoiser, shapes, component_prefix)):
                 return twin
             return FAMILIES[top[0]]
-    hint = _from_metadata(metadata or {})
+    return _without_markers(denoiser, comps, metadata or {}, shapes, component_prefix)
+
+
+def _without_markers(denoiser: list[str], comps: set, metadata: Mapping[str, str],
+                     shapes: Mapping[str, tuple[int, int]] | None,
+                     component_prefix: bool) -> Family | None:
+    """The family of denoiser paths no marker settles: metadata, ACE-Step's original names,
+    shapes, then the UNet's names (Flux.1 or SD3 double blocks alone stay undecided)."""
+    hint = _from_metadata(metadata)
     if hint is None and has_acestep_native_names(denoiser):
         return ACESTEP  # the original names only when no LLM spells them so
     if hint is None and shapes:
@@ -178,14 +202,12 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
     if hint:
         return FAMILIES[hint]
     if any(p.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for p in denoiser):
-        sdxl_te = (metadata or {}).get("lorakit.kohya_te_prefix") == "lora_te1_"
+        sdxl_te = metadata.get("lorakit.kohya_te_prefix") == "lora_te1_"
         return SDXL if "text_encoder_2" in comps or sdxl_te else SD15
-    if any(p.startswith("transformer_blocks.") for p in denoiser):
-        return None  # Flux.1 or SD3 double blocks only, no hint: undecided
     return None
 
 
 __all__ = ["FAMILIES", "Family", "Component", "BlockType", "Rule", "detect_family",
            "get_family", "FLUX1", "SD3", "SDXL", "SD15", "WAN", "QWEN_IMAGE", "LTX_VIDEO",
            "HUNYUAN_VIDEO", "LUMINA2", "HIDREAM", "FLUX2", "ZIMAGE", "LTX2", "IDEOGRAM4", "KREA2",
-           "ACESTEP", "MINIMAX_H3"]
+           "ACESTEP", "MINIMAX_H3", "FLUX3", "ANIMA"]

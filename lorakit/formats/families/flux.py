@@ -22,6 +22,7 @@ from __future__ import annotations
 from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed
 from lorakit.formats.families.clip import CLIP_L, t5
 from lorakit.formats.families.flux2 import FLUX2_ONLY
+from lorakit.formats.families.flux3 import FLUX3_ONLY
 
 D, S = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
 _QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
@@ -111,6 +112,6 @@ FLUX1 = Family(
     modelspec="flux-1-dev/lora", base_version="flux1",
     markers=(r"^single_transformer_blocks\.", r"^(double|single)_blocks\.",
              r"^time_text_embed\.guidance_embedder\.", r"^x_embedder$"),
-    anti_markers=(*HUNYUAN_ONLY, *FLUX2_ONLY),
+    anti_markers=(*HUNYUAN_ONLY, *FLUX2_ONLY, *FLUX3_ONLY),
     extras=NORMS, base_inputs=(("x_embedder", 64),),
 )

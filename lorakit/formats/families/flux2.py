@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 
 from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed, under
+from lorakit.formats.families.flux3 import FLUX3_ONLY
 
 D, S = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
 _QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
@@ -95,7 +96,8 @@ FLUX2 = Family(
     base_version="flux2", markers=FLUX2_ONLY, twin_of="flux1",
     anti_markers=(*FLUX1_ONLY, r"^(double|single)_stream_blocks\.", r"^joint_blocks\.",
                   r"^double_blocks\.\d+\.(img|txt)_(attn_(qkv|proj)|mlp\.fc[12]|mod\.linear)$",
-                  r"^txt_in\.", r"^context_embedder\.(proj_in|token_refiner\.|time_text_embed\.)"),
+                  r"^txt_in\.", r"^context_embedder\.(proj_in|token_refiner\.|time_text_embed\.)",
+                  *FLUX3_ONLY),
     # HiDream's, SD3's and HunyuanVideo's blocks
 )
 

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from lorakit.formats.families.anima import ANIMA_ONLY
 from lorakit.formats.families.base import BlockType, Component, Family, indexed
 from lorakit.formats.families.ltx2 import LTX2_ONLY
 
@@ -47,5 +48,6 @@ LTX_VIDEO = Family(
              r"^time_embed\.emb\."),
     anti_markers=(r"^transformer_blocks\.\d+\.attn\.",  # Flux.1 / SD3 / Qwen-Image blocks
                   r"^caption_projection\.\d+\.linear$",  # HiDream's projections
-                  *LTX2_ONLY),  # LTX-2's audio stream, audio-video attention, connectors
+                  *LTX2_ONLY,  # LTX-2's audio stream, audio-video attention, connectors
+                  *ANIMA_ONLY),  # Anima's (Cosmos) names
 )

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+from lorakit.formats.families.anima import ANIMA_ONLY
 from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed
 from lorakit.formats.families.clip import CLIP_L, clip, t5
 
@@ -67,5 +68,6 @@ SD3 = Family(
     markers=(r"^joint_blocks\.", r"^transformer_blocks\.\d+\.attn2\.", r"^pos_embed\.proj$",
              r"^(x|t|y)_embedder\."),
     anti_markers=(r"^transformer_blocks\.\d+\.attn1\.",  # LTX-Video's blocks
-                  r"^(double|single)_stream_blocks\.", r"^t_embedder\.timestep_embedder\."),  # HiDream's
+                  r"^(double|single)_stream_blocks\.", r"^t_embedder\.timestep_embedder\.",  # HiDream's
+                  *ANIMA_ONLY),  # Anima's (Cosmos) names
 )

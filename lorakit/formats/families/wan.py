@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from lorakit.formats.families.anima import ANIMA_ONLY
 from lorakit.formats.families.base import BlockType, Component, Family, Rule, indexed
 from lorakit.formats.families.clip import t5
 
@@ -51,4 +52,5 @@ WAN = Family(
     modelspec="wan2.1-t2v-14b/lora", base_version="wan",
     markers=(r"^blocks\.\d+\.(attn1|attn2|self_attn|cross_attn|ffn)\.", r"^condition_embedder\.",
              r"^head\.head$", r"^(text|time)_embedding\.\d$"),
+    anti_markers=ANIMA_ONLY,  # Anima's original names share the blocks.N.self_attn. prefix
 )
