@@ -4,8 +4,11 @@ Layouts read (module keys come out as ``<component>.<path>``):
 
 * ``diffusers``: ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (also ``text_encoder.``,
   ``text_encoder_2.``, ``transformer.`` prefixes, or no prefix at all for model-level saves).
-* ``diffusers_lora_down_up``: ``unet.<path>.lora.down.weight`` / ``lora.up.weight`` and the text
-  encoder's ``<path>.lora_linear_layer.down.weight``.
+* ``diffusers_lora_down_up``: ``unet.<path>.lora.down.weight`` / ``lora.up.weight``, the text
+  encoder's ``<path>.lora_linear_layer.down.weight`` and prefix-less ``<path>.lora_down.weight``
+  (+ ``.alpha``; kohya suffixes on dotted paths, which diffusers' Z-Image reader takes).
+  Prefix-less keys with PEFT's adapter name (``lora_A.default.weight``) are DiffSynth-Studio's
+  (:mod:`lorakit.formats.diffsynth`).
 * ``diffusers_legacy_processor``: attention processors,
   ``<block>.attn1.processor.to_q_lora.down.weight`` (no component prefix; the UNet is implied;
   ``to_out_lora`` is ``to_out.0``).
@@ -53,7 +56,8 @@ METADATA_KEY = "lora_adapter_metadata"
 
 _LEGACY = re.compile(r"^(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out|add_q_proj|add_k_proj"
                      r"|add_v_proj|to_add_out)_lora\.(?P<role>down|up)\.weight$")
-_DOWN_UP = re.compile(r"^(?P<mod>.+)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight$")
+_DOWN_UP = re.compile(r"^(?P<mod>.+)\.(?:lora\.|lora_linear_layer\.|lora_)(?P<role>down|up)"
+                      r"\.weight$")
 _PEFT = re.compile(r"^(?P<mod>.+)\.lora_(?P<role>A|B)\.weight$")
 _ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
 _MAG = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.weight)?$")

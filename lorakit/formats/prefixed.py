@@ -8,6 +8,8 @@
   ``.alpha``, as ComfyUI saves and reads it; Wan 2.x with ``lora_A``/``lora_B`` and no alphas
   (scales folded into ``lora_B``), as Wan files in the field are. Ideogram 4's
   ``conditional_transformer.`` prefix is read as ``diffusion_model.``.
+  Also read: diffusers' dotted ``lora.down.weight``/``lora.up.weight`` and PEFT's
+  ``lora_A.default.weight`` (the adapter name left in the key), as diffusers' Z-Image reader takes.
 * ``aitoolkit`` (read only, as ``bfl``): ai-toolkit's PEFT state dict of Krea 2's original model,
   ``base_model.model.blocks.0.attn.wq.lora_A.weight`` with no adapter_config.json and no alphas.
 * ``falkontext`` (alias ``fal-kontext``): fal's Flux.1 Kontext trainer, PEFT keys over the BFL
@@ -80,7 +82,10 @@ class Spelling:
 
 _LORA = (("lora_down.weight", "down"), ("lora_up.weight", "up"), ("lora_A.weight", "down"),
          ("lora_B.weight", "up"), ("alpha", "alpha"), ("dora_scale", "magnitude"),
-         ("lora_B.bias", "bias"))
+         ("lora_B.bias", "bias"),
+         # diffusers' dotted spelling and PEFT's adapter name in the key (Z-Image files)
+         ("lora.down.weight", "down"), ("lora.up.weight", "up"),
+         ("lora_A.default.weight", "down"), ("lora_B.default.weight", "up"))
 
 BFL = Spelling("bfl", (("text_encoders.clip_l.transformer.", "text_encoder"),
                        ("text_encoders.t5xxl.transformer.", "text_encoder_2"),

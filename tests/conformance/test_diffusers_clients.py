@@ -705,7 +705,48 @@ READ_CASES = {  # name: (family, models, state builder)
                      lambda ms, g: _zimage_kohya_state(ms["transformer"], g)),
     "ltx2-comfyui": ("ltx2", lambda: {"transformer": D.ltx2(), "connectors": D.ltx2_connectors()},
                      lambda ms, g: ltx2_original_state(ms, g)),
+    # the other spellings of diffusers' Z-Image reader (_convert_non_diffusers_z_image_lora_...)
+    "zimage-comfyui-dotted": ("zimage", lambda: {"transformer": D.zimage()},
+                              lambda ms, g: _zimage_spelled(ms["transformer"], g, qkv=True,
+                                                            suffixes=ZIMAGE_DOTTED)),
+    "zimage-kohya-fused": ("zimage", lambda: {"transformer": D.zimage()},
+                           lambda ms, g: _zimage_spelled(ms["transformer"], g, "lora_unet_",
+                                                         qkv=True)),
+    "zimage-peft-default": ("zimage", lambda: {"transformer": D.zimage()},
+                            lambda ms, g: _zimage_spelled(ms["transformer"], g, out=False,
+                                                          suffixes=ZIMAGE_DEFAULT, alpha=False)),
+    "zimage-bare-down-up": ("zimage", lambda: {"transformer": D.zimage()},
+                            lambda ms, g: _zimage_spelled(ms["transformer"], g, "")),
 }
+
+ZIMAGE_DOTTED = ("lora.down.weight", "lora.up.weight")  # diffusers' dotted spelling
+ZIMAGE_DEFAULT = ("lora_A.default.weight", "lora_B.default.weight")  # PEFT's adapter name kept
+
+
+def _zimage_spelled(model, g, prefix="diffusion_model.", *, qkv=False, out=True,
+                    suffixes=("lora_down.weight", "lora_up.weight"), alpha=True
+                    ) -> dict[str, torch.Tensor]:
+    """A Z-Image file in one of the spellings diffusers' reader takes: ``prefix`` (kohya's
+    ``lora_unet_`` spells the path with underscores: ``lora_unet_layers_0_attention_qkv``, what
+    musubi-tuner's ``convert_z_image_lora_to_comfy`` writes; ``""`` for none) + every layer's
+    path, ``attention.out`` for ``to_out.0`` when ``out``, q, k, v as one fused
+    ``attention.qkv`` (rows q + k + v) when ``qkv``; ``suffixes`` (down, up), ``.alpha`` 3."""
+    res = {}
+    lin = D.linears(model)
+    for name, (o, i) in lin.items():
+        native = name.replace("attention.to_out.0", "attention.out") if out else name
+        if qkv and (m := re.match(r"^(.*)\.attention\.to_([qkv])$", name)):
+            if m[2] != "q":
+                continue
+            native = f"{m[1]}.attention.qkv"
+            o = sum(lin[f"{m[1]}.attention.to_{c}"][0] for c in "qkv")
+        stem = prefix + (native.replace(".", "_") if prefix == "lora_unet_" else native)
+        res[f"{stem}.{suffixes[0]}"] = _rand(g, 2, i)
+        res[f"{stem}.{suffixes[1]}"] = _rand(g, o, 2)
+        if alpha:
+            res[f"{stem}.alpha"] = torch.tensor(3.0)
+    return res
+
 
 # LTX-2's top-level layers in the original checkpoint (the published scheme diffusers' reader
 # renames): diffusers' first path segment -> the original's; the blocks keep their names
