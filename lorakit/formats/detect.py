@@ -25,6 +25,8 @@ def classify_keys(keys: list[str], path: Path | str) -> tuple[str, str]:
     if layout := lycoris.classify(keys, path):  # hook (issue 16b): LyCORIS in kohya names
         return "kohya", layout
     refuse_positional(keys, path)  # hook (issue 16b): numbered, unnamed pairs are refused by name
+    if prefixed.is_prefixed_lycoris(keys):
+        return "bfl", "bfl"  # LoKr/LoHa under diffusion_model. (ai-toolkit's Z-Image, Flux.2)
     check_variants(keys, path)  # LoHa/LoKr/OFT/... are named even when no LoRA key is present
     if layout := kohya.classify(keys):
         return "kohya", layout

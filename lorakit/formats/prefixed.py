@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from lorakit.adapter import Adapter
+from lorakit.adapter import Adapter, LoraModule, check_finite
 from lorakit.errors import ConfigMismatchError, UnknownLayoutError
 from lorakit.formats.common import (
     build_modules,
@@ -125,6 +125,29 @@ WRITE_SPELLING = {("bfl", "wan"): BFL_AB, ("bfl", "ltxvideo"): BFL_AB,
                   ("bfl", "minimaxh3"): BFL_AB}  # MiniMax-H3: ai-toolkit's spelling
 
 
+# LyCORIS tensors (LoHa, LoKr) of a module spelled with a BFL prefix (ai-toolkit's Z-Image and
+# Flux.2 LoKr files: ``diffusion_model.layers.0.attention.to_q.lokr_w1``), read in their exact
+# LoRA form (:func:`lorakit.formats.lycoris.module_from_group`)
+_LYCO = re.compile(r"^(?P<stem>.+)\.(?P<suffix>lokr_(?:w1|w1_a|w1_b|w2|w2_a|w2_b|t2)|"
+                   r"hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2))$")
+
+_LYCO_ANY = re.compile(r"\.(lokr|hada)_\w+$")
+
+
+def is_prefixed_lycoris(keys: list[str]) -> bool:
+    """Whether ``keys`` hold LyCORIS tensors, all under a BFL prefix (``diffusion_model.``).
+
+    Example:
+        >>> is_prefixed_lycoris(["diffusion_model.layers.0.attention.to_q.lokr_w1"])
+        True
+        >>> is_prefixed_lycoris(["lora_unet_layers_0_attention_to_q.lokr_w1"])
+        False
+    """
+    stems = [m["stem"] for k in keys if (m := _LYCO.match(k))]
+    heads = tuple(p for p, _ in BFL.prefixes)
+    return bool(stems) and all(s.startswith(heads) for s in stems)
+
+
 def classify(keys: list[str]) -> str | None:
     """``"xlabs"``, ``"bfl"``, ``"falkontext"``, ``"bflcontrol"``, ``"aitoolkit"`` (original
     names under ``base_model.model.`` of a family in :data:`PEFT_NATIVE_FAMILIES`) or None. A
@@ -158,14 +181,23 @@ def load_prefixed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
     """Build an Adapter from a BFL/ComfyUI or XLabs state dict; also returns the keys that fit
     no role (the caller accounts for them)."""
     spelling = SPELLINGS[layout]
-    check_variants(list(tensors), path)
+    lyco_ok = layout == "bfl"
+    # LoKr/LoHa tensors are read below (a suffix LyCORIS does not have is an unknown key)
+    check_variants([k for k in tensors if not (lyco_ok and _LYCO_ANY.search(k))], path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    lyco: dict[str, dict[str, torch.Tensor]] = {}  # module key -> {LyCORIS suffix: tensor}
+    stems: dict[str, str] = {}  # module key -> its name in the file (for errors)
     alphas: dict[str, float] = {}
     unknown: list[str] = []
     extras: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
         if spelling.extras and (extra := _known_extra(spelling, k)):
             extras[extra] = t  # a full tensor (norm scale), kept verbatim
+            continue
+        if lyco_ok and (m := _LYCO.match(k)) and \
+                (hit := spelling.split_key(f"{m['stem']}.alpha")) is not None:
+            lyco.setdefault(f"{hit[0]}.{hit[1]}", {})[m["suffix"]] = t
+            stems[f"{hit[0]}.{hit[1]}"] = m["stem"]
             continue
         hit = spelling.split_key(k)
         if hit is None:
@@ -180,16 +212,35 @@ def load_prefixed(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
         if slot in p:
             raise ConfigMismatchError(f"two tensors give this module's {slot}", path=path, key=k)
         p[slot] = t
-    if not parts:
+    if not parts and not lyco:
         raise UnknownLayoutError(f"no LoRA tensors in the {layout} layout", path=path,
                                  key=unknown[0] if unknown else None)
-    stray = [k for k in alphas if k not in parts]
+    stray = [k for k in alphas if k not in parts and k not in lyco]
     if stray:
         raise ConfigMismatchError("alpha without LoRA factors", path=path, key=stray[0])
-    modules = build_modules(parts, alphas, path)
+    if both := sorted(set(parts) & set(lyco)):
+        raise ConfigMismatchError("LoRA and LyCORIS tensors for one module", path=path,
+                                  key=both[0])
+    modules = build_modules(parts, {k: a for k, a in alphas.items() if k in parts}, path)
+    modules.update(_lycoris_modules(lyco, alphas, stems, path))
     adapter = Adapter(modules=modules, extras=extras, source_format=FORMAT_OF.get(layout, layout),
                       layout=layout, metadata=dict(meta), source=str(path), component_prefix=True)
     return adapter, unknown
+
+
+def _lycoris_modules(lyco: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float],
+                     stems: dict[str, str], path: Path) -> dict[str, LoraModule]:
+    """The exact LoRA form of each LyCORIS module (``alpha`` as LyCORIS scales it); errors name
+    the key as the file spells it."""
+    from lorakit.formats.lycoris import module_from_group
+
+    out = {}
+    for key, group in lyco.items():
+        if key in alphas:
+            group = {**group, "alpha": torch.tensor(alphas[key])}
+        out[key] = module_from_group(stems[key], group, path)
+    check_finite(out, str(path))
+    return out
 
 
 def _known_extra(spelling: Spelling, key: str) -> str | None:
