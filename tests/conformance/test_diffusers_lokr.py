@@ -175,3 +175,25 @@ def test_unknown_key_in_a_lokr_file_is_named_and_ignore_unknown_lists_it(tmp_pat
     a = lorakit.load(file, ignore_unknown=True)
     assert "diffusion_model.layers.0.attention.to_q.lokr_w9" in ignored(a)
     assert list(a.modules) == ["transformer.layers.0.attention.to_q"]
+
+
+def test_flux2_lycoris_wrapper_lokr_reads_as_diffusers_applies(tmp_path):
+    """The LyCORIS wrapper's Flux.2 names (``lycoris_transformer_blocks_0_attn_to_q.lokr_w1``,
+    diffusers' ``_convert_lycoris_flux2_lokr_to_diffusers``)."""
+    g = torch.Generator().manual_seed(6)
+    model = D.flux2()
+    lin = D.linears(model)
+    names = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.linear_in",
+             "single_transformer_blocks.0.attn.to_qkv_mlp_proj")
+    sd: dict[str, torch.Tensor] = {}
+    for name in names:
+        _lokr(sd, "lycoris_" + name.replace(".", "_"), *lin[name], g)
+    file = tmp_path / "flux2_lycoris.safetensors"
+    save_file(sd, str(file))
+    a = lorakit.load(file)
+    assert a.layout == "lycoris" and adapter_family(a) is FLUX2
+    D.diffusers_load("flux2", file, {"transformer": model})
+    got = _injected(model)
+    assert set(got) == set(names)
+    for name in names:
+        _close(_full(a.modules[name]), got[name], name)
