@@ -107,12 +107,37 @@ def _load(path: Path, fmt: Format | None, family: str | None,
     adapter = account(adapter, unknown, fam, ignore_unknown=ignore_unknown)
     if fam is not None:  # kept, so a later conversion of this adapter knows its family
         adapter.metadata[FAMILY_KEY] = fam.name
+    if fam is not None and fam.name == "minimaxh3":
+        _network_alpha(adapter, path)
     if fam is not None and adapter.source_format == "peft" and "peftnative" in fam.layouts:
         from lorakit.formats.rename import naming_of
 
         if naming_of(adapter, fam) == "native":  # ACE-Step's own trainer: written back as read
             adapter.source_format = adapter.layout = "peftnative"
     return adapter
+
+
+def _network_alpha(adapter: Adapter, path: Path) -> None:
+    """A MiniMax-H3 file with no ``.alpha`` tensor that records an ``alpha`` in its safetensors
+    metadata was trained with that network alpha: every module's scale is ``alpha / r`` (as
+    diffusers' MiniMax-H3 reader takes it; without one, ``alpha = r``). A value that is no
+    number is an error naming the file and the key."""
+    from lorakit.errors import ConfigMismatchError
+    from lorakit.io import read_safetensors_header
+
+    value = adapter.metadata.get("alpha")
+    if value is None or not path.is_file() or path.suffix != ".safetensors":
+        return
+    header, _ = read_safetensors_header(path)
+    if any(k.endswith(".alpha") for k in header):
+        return  # per-module alphas win
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise ConfigMismatchError(f"metadata alpha {value!r} is no number", path=path,
+                                  key="__metadata__.alpha") from None
+    for m in adapter.modules.values():
+        m.alpha = alpha
 
 
 def adapter_family(adapter: Adapter) -> Family | None:

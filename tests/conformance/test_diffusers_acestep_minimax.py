@@ -254,3 +254,16 @@ def test_minimax_transformer_ref_partition_round_trips_through_diffusers(tmp_pat
     back = lorakit.load(file)
     assert sorted(back.modules) == sorted(src.modules)
     assert back.components() == ["transformer", "transformer_ref"]
+
+
+def test_minimax_network_alpha_in_the_file_metadata_is_read_as_diffusers_does(tmp_path):
+    """An alpha-less H3 file recording ``alpha`` in its ``__metadata__``: every module scaled by
+    ``alpha / r`` (ranks 2 and 4 here), as diffusers applies it."""
+    state = _h3_state(D.minimax_h3(), "aitoolkit", torch.Generator().manual_seed(7))
+    file = tmp_path / "h3_alpha.safetensors"
+    save_file(state, str(file), metadata={"alpha": "6"})
+    a = _compare("minimaxh3", file, file, D.minimax_h3())
+    assert {m.alpha for m in a.modules.values()} == {6.0}
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={"alpha": "six"})
+    with pytest.raises(lorakit.errors.ConfigMismatchError, match="six"):
+        lorakit.load(tmp_path / "bad.safetensors")
